@@ -1,0 +1,30 @@
+"""keras_vit: the Vision Transformer model zoo for Keras 3.
+
+    import keras_vit
+    model = keras_vit.ViT_B16(weights=None)       # or a checkpoint tag
+"""
+
+from keras_vit import layers
+from keras_vit.models import (
+    CONSTRUCTORS,
+    VARIANTS,
+    ViT,
+    attention_model,
+    feature_extractor,
+    get_constructor,
+    preprocess_inputs,
+)
+from keras_vit.models import (  # the application constructors, one per VARIANTS row
+    ViT_B8,
+    ViT_B16,
+    ViT_B32,
+    ViT_H14,
+    ViT_L16,
+    ViT_L32,
+    ViT_S16,
+    ViT_S32,
+    ViT_Ti16,
+)
+from keras_vit.weights import load_weights
+
+__version__ = "0.1.0"

@@ -1,0 +1,423 @@
+"""The building blocks of a Vision Transformer, as serializable Keras 3 layers.
+
+Every layer here computes with `keras.ops` only, so a model built from them
+runs on the TensorFlow, JAX and PyTorch backends alike.
+
+Weight names are a stable contract (the checkpoint loader maps onto them):
+
+| layer (model name)            | variable                         | official `.npz` key                  |
+|-------------------------------|----------------------------------|--------------------------------------|
+| `PatchEncoder` (`patch_embed`)| `projection/kernel`, `.../bias`  | `embedding/kernel`, `embedding/bias` |
+| `ClassToken` (`class_token`)  | `token` (1, 1, width)            | `cls`                                |
+| `PositionEmbedding`           | `embedding` (1, tokens, width)   | `Transformer/posembed_input/pos_embedding` |
+| `TransformerBlock` (`block_NN`)| `norm1/gamma`, `norm1/beta`     | `encoderblock_N/LayerNorm_0/scale`, `bias` |
+|                               | `attention/{query,key,value}/kernel` (width, heads, head_dim) | `MultiHeadDotProductAttention_1/{query,key,value}/kernel` |
+|                               | `attention/attention_output/kernel` (heads, head_dim, width) | `MultiHeadDotProductAttention_1/out/kernel` |
+|                               | `norm2/...`, `mlp_in/...`, `mlp_out/...` | `LayerNorm_2`, `MlpBlock_3/Dense_0`, `MlpBlock_3/Dense_1` |
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+LAYER_NORM_EPSILON = 1e-6  # the official Flax model's LayerNorm epsilon
+PACKAGE = "keras_vit"
+
+
+def _register(cls):
+    return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
+
+
+# ---------------------------------------------------------------------------
+# Position-embedding resampling (numpy, at load time: never inside the graph)
+# ---------------------------------------------------------------------------
+
+INTERPOLATIONS = ("zoom", "bicubic")
+
+
+def resample_position_embedding(grid, new_grid_size, interpolation="zoom"):
+    """Resamples a (rows, cols, width) grid of position embeddings.
+
+    `"zoom"` is the official method of google-research/vision_transformer and
+    big_vision: `scipy.ndimage.zoom(order=1)`, bilinear with the corner
+    samples kept in place. `"bicubic"` resizes with half-pixel centres, as
+    timm's `resample_abs_pos_embed`.
+    """
+    grid = np.asarray(grid)
+    rows, cols = int(new_grid_size[0]), int(new_grid_size[1])
+    if grid.ndim != 3:
+        raise ValueError(f"Expected a (rows, cols, width) grid, got shape {grid.shape}.")
+    if grid.shape[:2] == (rows, cols):
+        return grid
+    if interpolation == "zoom":
+        import scipy.ndimage
+
+        factors = (rows / grid.shape[0], cols / grid.shape[1], 1)
+        return scipy.ndimage.zoom(grid.astype(np.float32), factors, order=1).astype(grid.dtype)
+    if interpolation == "bicubic":
+        resized = ops.image.resize(
+            grid[None].astype(np.float32), (rows, cols), interpolation="bicubic", antialias=False
+        )
+        return ops.convert_to_numpy(resized)[0].astype(grid.dtype)
+    raise ValueError(
+        f"Unknown interpolation {interpolation!r}; use one of {INTERPOLATIONS}."
+    )
+
+
+def resize_position_embedding(
+    embedding, old_grid_size, new_grid_size, num_prefix_tokens=1, interpolation="zoom"
+):
+    """Resizes a (1, prefix + rows*cols, width) position embedding to a new grid.
+
+    The prefix (class token) entries are kept as they are; only the grid part
+    is interpolated (the paper's "high-resolution fine-tuning").
+    """
+    embedding = np.asarray(embedding)
+    old_rows, old_cols = old_grid_size
+    width = embedding.shape[-1]
+    if embedding.shape[1] != num_prefix_tokens + old_rows * old_cols:
+        raise ValueError(
+            f"Position embedding with {embedding.shape[1]} entries does not fit "
+            f"{num_prefix_tokens} prefix token(s) plus a {old_rows}x{old_cols} grid."
+        )
+    prefix = embedding[:, :num_prefix_tokens]
+    grid = embedding[0, num_prefix_tokens:].reshape(old_rows, old_cols, width)
+    grid = resample_position_embedding(grid, new_grid_size, interpolation)
+    grid = grid.reshape(1, -1, width)
+    return np.concatenate([prefix, grid], axis=1)
+
+
+def square_grid_size(num_grid_tokens):
+    """The side of a square grid of `num_grid_tokens` tokens, or an error."""
+    side = int(round(math.sqrt(num_grid_tokens)))
+    if side * side != num_grid_tokens:
+        raise ValueError(
+            f"Cannot infer the patch grid of a position embedding with "
+            f"{num_grid_tokens} grid entries: it is not square. Pass the grid size."
+        )
+    return side, side
+
+
+# ---------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------
+
+
+@_register
+class PatchEncoder(layers.Layer):
+    """Cuts an image (or feature map) into patches and embeds each as a token.
+
+    A convolution whose kernel and stride are both the patch size is exactly a
+    linear projection of each flattened patch. Output: (batch, rows*cols, width).
+    """
+
+    def __init__(self, patch_size, hidden_size, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = _pair(patch_size)
+        self.hidden_size = int(hidden_size)
+        self.projection = layers.Conv2D(
+            self.hidden_size,
+            kernel_size=self.patch_size,
+            strides=self.patch_size,
+            padding="valid",
+            dtype=self.dtype_policy,
+            name="projection",
+        )
+
+    def build(self, input_shape):
+        self.projection.build(input_shape)
+        self.built = True
+
+    def grid_size(self, image_size):
+        """The (rows, cols) of patches for an input of (height, width)."""
+        height, width = image_size
+        return height // self.patch_size[0], width // self.patch_size[1]
+
+    def call(self, images):
+        patches = self.projection(images)
+        batch = ops.shape(patches)[0]
+        return ops.reshape(patches, (batch, -1, self.hidden_size))
+
+    def compute_output_shape(self, input_shape):
+        rows, cols = input_shape[1], input_shape[2]
+        tokens = None
+        if rows is not None and cols is not None:
+            tokens = (rows // self.patch_size[0]) * (cols // self.patch_size[1])
+        return (input_shape[0], tokens, self.hidden_size)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(patch_size=self.patch_size, hidden_size=self.hidden_size)
+        return config
+
+
+@_register
+class ClassToken(layers.Layer):
+    """Prepends a learned class token to the token sequence (zero-initialised)."""
+
+    def build(self, input_shape):
+        self.token = self.add_weight(
+            shape=(1, 1, input_shape[-1]), initializer="zeros", name="token"
+        )
+        self.built = True
+
+    def call(self, tokens):
+        batch = ops.shape(tokens)[0]
+        token = ops.cast(self.token, tokens.dtype)
+        token = ops.broadcast_to(token, (batch, 1, ops.shape(tokens)[-1]))
+        return ops.concatenate([token, tokens], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        length = None if input_shape[1] is None else input_shape[1] + 1
+        return (input_shape[0], length, input_shape[2])
+
+
+@_register
+class PositionEmbedding(layers.Layer):
+    """Adds a learned 1-D position embedding to a (prefix + grid) token sequence.
+
+    Args:
+        grid_size: (rows, cols) of the patch grid the embedding covers.
+        num_prefix_tokens: tokens before the grid (1 for the class token);
+            their entries are never interpolated.
+        interpolation: how a stored embedding for another grid is resized on
+            load: "zoom" (official, default) or "bicubic".
+
+    Loading weights saved for a different grid (`load_weights`, `.keras`
+    files) resizes the stored embedding to this layer's grid instead of failing.
+    """
+
+    def __init__(self, grid_size, num_prefix_tokens=1, interpolation="zoom", **kwargs):
+        super().__init__(**kwargs)
+        self.grid_size = tuple(int(s) for s in _pair(grid_size))
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"Unknown interpolation {interpolation!r}; use one of {INTERPOLATIONS}."
+            )
+        self.interpolation = interpolation
+
+    @property
+    def num_tokens(self):
+        return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+    def build(self, input_shape):
+        if input_shape[1] is not None and input_shape[1] != self.num_tokens:
+            raise ValueError(
+                f"{self.name}: got {input_shape[1]} tokens, expected {self.num_tokens} "
+                f"({self.num_prefix_tokens} prefix + {self.grid_size[0]}x{self.grid_size[1]} grid)."
+            )
+        self.embedding = self.add_weight(
+            shape=(1, self.num_tokens, input_shape[-1]),
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
+            name="embedding",
+        )
+        self.built = True
+
+    def call(self, tokens):
+        return tokens + ops.cast(self.embedding, tokens.dtype)
+
+    def resized(self, embedding, grid_size=None):
+        """Returns `embedding` (numpy, any grid) resized to this layer's grid.
+
+        `grid_size` is the stored embedding's grid; when None it must be square.
+        """
+        embedding = np.asarray(embedding)
+        if embedding.ndim == 2:
+            embedding = embedding[None]
+        if embedding.shape[-1] != self.embedding.shape[-1]:
+            raise ValueError(
+                f"{self.name}: stored position embedding has width {embedding.shape[-1]}, "
+                f"the model has {self.embedding.shape[-1]}."
+            )
+        if embedding.shape[1] == self.num_tokens and grid_size in (None, self.grid_size):
+            return embedding
+        if grid_size is None:
+            grid_size = square_grid_size(embedding.shape[1] - self.num_prefix_tokens)
+        return resize_position_embedding(
+            embedding, grid_size, self.grid_size, self.num_prefix_tokens, self.interpolation
+        )
+
+    # Stored alongside the embedding so a non-square grid can be resized later.
+    def save_own_variables(self, store):
+        store["0"] = ops.convert_to_numpy(self.embedding)
+        store["1"] = np.asarray(self.grid_size, dtype="int32")
+
+    def load_own_variables(self, store):
+        grid_size = tuple(int(s) for s in np.asarray(store["1"])) if "1" in store else None
+        self.embedding.assign(self.resized(np.asarray(store["0"]), grid_size))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            grid_size=self.grid_size,
+            num_prefix_tokens=self.num_prefix_tokens,
+            interpolation=self.interpolation,
+        )
+        return config
+
+
+@_register
+class DropPath(layers.Layer):
+    """Stochastic depth: drops a whole residual branch per sample while training."""
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if self.rate > 0 else None
+
+    def call(self, inputs, training=None):
+        if not training or self.rate == 0.0:
+            return inputs
+        keep = 1.0 - self.rate
+        shape = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 1)
+        mask = keras.random.uniform(shape, seed=self.seed_generator, dtype=inputs.dtype)
+        mask = ops.cast(mask < keep, inputs.dtype)
+        return inputs * mask / ops.cast(keep, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(rate=self.rate, seed=self.seed)
+        return config
+
+
+@_register
+class TransformerBlock(layers.Layer):
+    """A pre-LayerNorm Transformer encoder block, as the official Flax model.
+
+        x = x + DropPath(Dropout(Attention(LayerNorm(x))))
+        x = x + DropPath(MLP(LayerNorm(x)))      MLP = Dense-GELU-Dropout-Dense-Dropout
+
+    Call with `return_attention_scores=True` to also get the attention
+    probabilities, (batch, heads, tokens, tokens). `keras_vit.attention_model`
+    does this for every block of a built model, sharing its weights.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        mlp_dim,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        drop_path_rate=0.0,
+        gelu_approximate=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.mlp_dim = int(mlp_dim)
+        self.dropout_rate = float(dropout_rate)
+        self.attention_dropout_rate = float(attention_dropout_rate)
+        self.drop_path_rate = float(drop_path_rate)
+        self.gelu_approximate = bool(gelu_approximate)
+        policy = self.dtype_policy
+        self.norm1 = layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, dtype=policy, name="norm1")
+        self.norm2 = layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, dtype=policy, name="norm2")
+        self.dropout = layers.Dropout(self.dropout_rate, dtype=policy, name="dropout")
+        self.drop_path = DropPath(self.drop_path_rate, dtype=policy, name="drop_path")
+        self.attention = None  # its key_dim depends on the input width: made in build()
+        self.mlp_in = None
+        self.mlp_out = None
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        if width % self.num_heads:
+            raise ValueError(
+                f"{self.name}: width {width} is not divisible by num_heads={self.num_heads}."
+            )
+        policy = self.dtype_policy
+        self.attention = layers.MultiHeadAttention(
+            num_heads=self.num_heads,
+            key_dim=width // self.num_heads,
+            dropout=self.attention_dropout_rate,
+            dtype=policy,
+            name="attention",
+        )
+        self.mlp_in = layers.Dense(self.mlp_dim, dtype=policy, name="mlp_in")
+        self.mlp_out = layers.Dense(width, dtype=policy, name="mlp_out")
+        self.norm1.build(input_shape)
+        self.norm2.build(input_shape)
+        self.attention.build(input_shape, input_shape)
+        self.mlp_in.build(input_shape)
+        self.mlp_out.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
+        self.built = True
+
+    def call(self, inputs, training=None, return_attention_scores=False):
+        x = self.norm1(inputs)
+        attended = self.attention(
+            x, x, training=training, return_attention_scores=return_attention_scores
+        )
+        if return_attention_scores:
+            attended, scores = attended
+        x = inputs + self.drop_path(self.dropout(attended, training=training), training=training)
+
+        y = self.norm2(x)
+        y = self.mlp_in(y)
+        y = keras.activations.gelu(y, approximate=self.gelu_approximate)
+        y = self.dropout(y, training=training)
+        y = self.mlp_out(y)
+        y = self.dropout(y, training=training)
+        outputs = x + self.drop_path(y, training=training)
+        if return_attention_scores:
+            return outputs, scores
+        return outputs
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            drop_path_rate=self.drop_path_rate,
+            gelu_approximate=self.gelu_approximate,
+        )
+        return config
+
+
+@_register
+class TokenPooling(layers.Layer):
+    """Reduces a token sequence to one feature vector.
+
+    "token": the class token (position 0); "gap": the mean of the patch tokens
+    (the `num_prefix_tokens` leading tokens left out).
+    """
+
+    MODES = ("token", "gap")
+
+    def __init__(self, mode="token", num_prefix_tokens=1, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"Unknown pooling {mode!r}; use one of {self.MODES} or None.")
+        if mode == "token" and num_prefix_tokens < 1:
+            raise ValueError('pooling="token" needs a class token; use pooling="gap".')
+        self.mode = mode
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def call(self, tokens):
+        if self.mode == "token":
+            return tokens[:, 0]
+        return ops.mean(tokens[:, self.num_prefix_tokens :], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(mode=self.mode, num_prefix_tokens=self.num_prefix_tokens)
+        return config
+
+
+def _pair(value):
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"Expected an int or a pair of ints, got {value!r}.")
+    return value

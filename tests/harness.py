@@ -1,0 +1,202 @@
+"""The shared model test harness: every architecture goes through the same checks.
+
+An architecture is registered by one line in `ARCHITECTURES` (a name and a
+function building a tiny model of that family); `tests/test_models.py`
+parametrises every check over that table. The checks use `keras.ops` and
+Keras APIs only, so they run unchanged under KERAS_BACKEND=jax.
+"""
+
+import os
+
+import keras
+import numpy as np
+
+import keras_vit
+
+TINY_VIT = dict(patch_size=8, hidden_size=32, depth=2, num_heads=4, mlp_dim=64)
+
+
+def tiny_vit(input_shape=(32, 32, 3), **kwargs):
+    config = dict(TINY_VIT, input_shape=input_shape, classes=5)
+    config.update(kwargs)
+    return keras_vit.ViT(**config)
+
+
+# name -> builder(input_shape=..., **kwargs) of a small model of that family.
+# A new architecture gets every check below by adding one line here.
+ARCHITECTURES = {
+    "vit": tiny_vit,
+}
+
+
+def images(batch=2, shape=(32, 32, 3), seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (batch,) + tuple(shape)).astype("float32")
+
+
+def randomize_head(model):
+    """The official head is zero-initialised, which blocks gradients to the body
+    on the first step; checks that need them give it random values."""
+    head = model.get_layer("predictions")
+    rng = np.random.default_rng(1)
+    head.kernel.assign(rng.normal(0, 0.5, head.kernel.shape).astype("float32"))
+
+
+# --- the checks -------------------------------------------------------------
+
+
+def check_forward(build):
+    model = build()
+    out = model.predict(images(), verbose=0)
+    assert out.shape == (2, 5)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def check_fit_evaluate_predict(build):
+    model = build()
+    randomize_head(model)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    x = images(16, seed=3)
+    y = np.arange(16) % 5
+    history = model.fit(x, y, batch_size=8, epochs=4, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    loss, accuracy = model.evaluate(x, y, verbose=0)
+    assert np.isfinite(loss) and 0.0 <= accuracy <= 1.0
+    assert model.predict(x, verbose=0).shape == (16, 5)
+
+
+def check_keras_file_round_trip(build, tmp_path):
+    model = build()
+    randomize_head(model)
+    x = images()
+    expected = model.predict(x, verbose=0)
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), expected)
+    assert [w.path for w in restored.weights] == [w.path for w in model.weights]
+
+
+def check_weights_file_round_trip(build, tmp_path):
+    model = build()
+    randomize_head(model)
+    x = images()
+    path = os.path.join(tmp_path, "model.weights.h5")
+    model.save_weights(path)
+    other = build()
+    assert not np.allclose(other.predict(x, verbose=0), model.predict(x, verbose=0))
+    other.load_weights(path)
+    np.testing.assert_array_equal(other.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def check_mixed_precision(build, policy):
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = build()
+        randomize_head(model)
+        out = model(images(), training=False)
+        assert all(w.dtype == "float32" for w in model.weights), "variables must stay float32"
+        assert keras.backend.standardize_dtype(out.dtype) == "float32", "the head computes in float32"
+        assert np.all(np.isfinite(keras.ops.convert_to_numpy(out)))
+        features = keras_vit.feature_extractor(model, ["with_posemb", "encoded"])(images())
+        compute = policy.split("_")[1]
+        # class token and posemb are cast to the compute dtype, not float32
+        assert keras.backend.standardize_dtype(features["with_posemb"].dtype) == compute
+        assert keras.backend.standardize_dtype(features["encoded"].dtype) == compute
+        if policy == "mixed_float16" and keras.backend.backend() == "jax":
+            return  # XLA:CPU has no float16 matmul with float32 accumulation for the backward pass
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        loss = model.train_on_batch(images(4, seed=5), np.arange(4) % 5)
+        assert np.isfinite(loss)
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def check_jit_compile(build):
+    model = build()
+    randomize_head(model)
+    x = images(4)
+    expected = model.predict(x, verbose=0)
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", jit_compile=True)
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-5)
+    assert np.isfinite(model.train_on_batch(x, np.arange(4) % 5))
+
+
+def check_non_square_input(build):
+    model = build(input_shape=(32, 48, 3))
+    out = model.predict(images(shape=(32, 48, 3)), verbose=0)
+    assert out.shape == (2, 5)
+    tokens = keras_vit.feature_extractor(model, ["encoded"]).predict(images(shape=(32, 48, 3)), verbose=0)
+    assert tokens["encoded"].shape[1] == 1 + 4 * 6
+
+
+def check_weights_at_another_size(build, tmp_path):
+    """Weights saved at 32x32 load into a 48x64 model: posemb resized (official zoom)."""
+    small = build()
+    path = os.path.join(tmp_path, "small.weights.h5")
+    small.save_weights(path)
+    large = build(input_shape=(48, 64, 3))
+    large.load_weights(path)
+    source = keras.ops.convert_to_numpy(small.get_layer("position_embedding").embedding)
+    layer = large.get_layer("position_embedding")
+    rows, cols = small.get_layer("position_embedding").grid_size
+    expected = keras_vit.layers.resize_position_embedding(source, (rows, cols), layer.grid_size)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.embedding), expected, rtol=1e-6)
+    # the class-token entry is kept apart, never interpolated
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.embedding)[:, 0], source[:, 0])
+    for name in ("class_token", "block_00", "predictions"):
+        for a, b in zip(small.get_layer(name).weights, large.get_layer(name).weights):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    assert np.all(np.isfinite(large.predict(images(shape=(48, 64, 3)), verbose=0)))
+
+
+def check_gradients_reach_every_weight(build):
+    """One plain SGD step changes every trainable weight iff its gradient is non-zero."""
+    model = build()
+    randomize_head(model)
+    before = [keras.ops.convert_to_numpy(w).copy() for w in model.trainable_weights]
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    model.train_on_batch(images(4), np.arange(4) % 5)
+    frozen = [
+        w.path
+        for w, old in zip(model.trainable_weights, before)
+        if np.array_equal(keras.ops.convert_to_numpy(w), old)
+    ]
+    assert not frozen, f"no gradient reached {frozen}"
+
+
+def check_intermediate_outputs(build):
+    model = build()
+    features = keras_vit.feature_extractor(model).predict(images(), verbose=0)
+    depth = len([l for l in model.layers if isinstance(l, keras_vit.layers.TransformerBlock)])
+    assert [f"block_{i:02d}" for i in range(depth)] == [k for k in features if k.startswith("block_")]
+    np.testing.assert_allclose(features["logits"], model.predict(images(), verbose=0), atol=1e-6)
+    assert features["encoded"].shape[1] == features["with_posemb"].shape[1]
+
+
+def check_attention_maps(build):
+    model = build()
+    maps = keras_vit.attention_model(model).predict(images(), verbose=0)
+    tokens = keras_vit.feature_extractor(model, ["encoded"]).predict(images(), verbose=0)["encoded"].shape[1]
+    blocks = [l for l in model.layers if isinstance(l, keras_vit.layers.TransformerBlock)]
+    assert len(maps) == len(blocks)
+    for block, probs in zip(blocks, maps):
+        assert probs.shape == (2, block.num_heads, tokens, tokens)
+        np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=1e-5)
+        assert np.all(probs >= 0)
+
+
+CHECKS = {
+    "forward": check_forward,
+    "fit_evaluate_predict": check_fit_evaluate_predict,
+    "keras_file_round_trip": check_keras_file_round_trip,
+    "weights_file_round_trip": check_weights_file_round_trip,
+    "mixed_bfloat16": lambda build: check_mixed_precision(build, "mixed_bfloat16"),
+    "mixed_float16": lambda build: check_mixed_precision(build, "mixed_float16"),
+    "jit_compile": check_jit_compile,
+    "non_square_input": check_non_square_input,
+    "weights_at_another_size": check_weights_at_another_size,
+    "gradients_reach_every_weight": check_gradients_reach_every_weight,
+    "intermediate_outputs": check_intermediate_outputs,
+    "attention_maps": check_attention_maps,
+}
