@@ -1,1 +1,1 @@
-"""Data files shipped with keras_vit: the checkpoint registry and label lists."""
+"""Files shipped with keras_vit: the checkpoint registry and label lists."""
