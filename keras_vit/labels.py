@@ -1,0 +1,93 @@
+"""Class names: the ImageNet label sets shipped with keras_vit, and any model's.
+
+Two plain-text files ship in `keras_vit.assets` (the top-level weights/
+folder), one label per line, line N = class N of the official checkpoints:
+
+    imagenet1k_labels.txt    the 1000 ILSVRC-2012 classes, official order
+    imagenet21k_labels.txt   the 21843 ImageNet-21k classes, in Google's order
+                             (the head of the official in21k checkpoints)
+
+Each label is the WordNet lemma list of the class ("tench, Tinca tinca"), as
+the official ilsvrc2012_wordnet_lemmas.txt of google-research/vision_transformer.
+Provenance: built from timm's `timm/data/_info/` files (Apache-2.0, Ross
+Wightman): imagenet_synsets.txt, imagenet21k_goog_synsets.txt and
+imagenet_synset_to_lemma.txt, with
+
+    python -m keras_vit.labels TIMM_INFO_DIR weights/
+"""
+
+import functools
+import importlib.resources
+import os
+import sys
+
+# label set name -> (file in keras_vit.assets, number of classes,
+#                    timm synset list it is built from)
+LABEL_SETS = {
+    "imagenet1k": ("imagenet1k_labels.txt", 1000, "imagenet_synsets.txt"),
+    "imagenet21k": ("imagenet21k_labels.txt", 21843, "imagenet21k_goog_synsets.txt"),
+}
+TIMM_LEMMA_FILE = "imagenet_synset_to_lemma.txt"
+
+
+@functools.lru_cache(maxsize=None)
+def _read_label_set(name):
+    file_name, count, _ = LABEL_SETS[name]
+    text = (importlib.resources.files("keras_vit.assets") / file_name).read_text(encoding="utf-8")
+    labels = tuple(text.splitlines())
+    if len(labels) != count:
+        raise ValueError(f"{file_name} has {len(labels)} labels, expected {count}: reinstall keras_vit.")
+    return labels
+
+
+def load_labels(name):
+    """The class names of a shipped label set ("imagenet1k" or "imagenet21k")."""
+    if name not in LABEL_SETS:
+        raise ValueError(f"Unknown label set {name!r}; choose one of: {', '.join(LABEL_SETS)}.")
+    return list(_read_label_set(name))
+
+
+def label_set_for(classes):
+    """The shipped label set with `classes` classes, or None."""
+    for name, (_, count, _) in LABEL_SETS.items():
+        if count == classes:
+            return name
+    return None
+
+
+def class_names(classes, label_set=None):
+    """`classes` names: those of `label_set`, else the shipped set of that size,
+    else "class_0", "class_1", ..."""
+    label_set = label_set or label_set_for(classes)
+    if label_set is None:
+        return [f"class_{index}" for index in range(classes)]
+    labels = load_labels(label_set)
+    if len(labels) != classes:
+        raise ValueError(
+            f"Label set {label_set!r} has {len(labels)} classes, the model has {classes}."
+        )
+    return labels
+
+
+def short_name(label):
+    """The first lemma of a label: "tench, Tinca tinca" -> "tench"."""
+    return label.split(",")[0].strip()
+
+
+def build_label_files(timm_info_dir, out_dir):
+    """Writes the label files from timm's synset and lemma lists."""
+    with open(os.path.join(timm_info_dir, TIMM_LEMMA_FILE), encoding="utf-8") as file:
+        lemmas = dict(line.rstrip("\n").split("\t", 1) for line in file if line.strip())
+    for file_name, count, synset_file in LABEL_SETS.values():
+        with open(os.path.join(timm_info_dir, synset_file), encoding="utf-8") as file:
+            synsets = [line.strip() for line in file if line.strip()]
+        if len(synsets) != count:
+            raise ValueError(f"{synset_file} has {len(synsets)} synsets, expected {count}.")
+        with open(os.path.join(out_dir, file_name), "w", encoding="utf-8") as file:
+            file.write("".join(lemmas[synset] + "\n" for synset in synsets))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m keras_vit.labels TIMM_INFO_DIR OUT_DIR")
+    build_label_files(sys.argv[1], sys.argv[2])
