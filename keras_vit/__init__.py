@@ -25,6 +25,7 @@ from keras_vit.models import (  # the application constructors, one per VARIANTS
     ViT_S32,
     ViT_Ti16,
 )
+from keras_vit.checkpoints import list_weights, load_npz
 from keras_vit.weights import load_weights
 
 __version__ = "0.1.0"

@@ -9,6 +9,24 @@ Accepted values:
     "path/x.weights.h5"   a Keras weights file (from `model.save_weights`); a
                           position embedding saved for another input size is
                           resized on load
+    "in21k", ...          an official checkpoint tag of the model's
+                          architecture (`keras_vit.list_weights()`), or a
+                          file's official name ("imagenet21k/ViT-B_16"):
+                          downloaded once, verified and cached
+                          (keras_vit.download)
+    "path/x.npz"          a local official checkpoint file
+
+With a checkpoint (tag or .npz), loading is strict (keras_vit.checkpoints)
+and the checkpoint fills in what the caller leaves None:
+    classes               the checkpoint's; another count gets a
+                          zero-initialised head on the pretrained body
+    input_shape           the checkpoint's resolution; another size resizes
+                          the position embedding (official zoom by default)
+    keep_pre_logits       None: keep the checkpoint's pre_logits layer when
+                          its head is kept, drop it with a new head (as the
+                          official fine-tuning does); True/False to choose
+    expected_sha256       a SHA-256 the file must have (wins over the
+                          registry's and the one recorded at download)
 """
 
 import dataclasses
@@ -39,23 +57,101 @@ def plan(
     classes=None,
     representation_size=None,
     input_shape=None,
+    keep_pre_logits=None,
+    expected_sha256=None,
 ):
     """Resolves a `weights=` value into a `LoadPlan` (see the module docstring)."""
+    checkpoint_options = dict(keep_pre_logits=keep_pre_logits, expected_sha256=expected_sha256)
     if weights is None:
+        _reject_checkpoint_options(checkpoint_options, "weights=None")
         return LoadPlan(classes, representation_size, input_shape)
     if not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"weights must be None or a string, got {type(weights).__name__}.")
     path = os.fspath(weights)
     if path.endswith(KERAS_WEIGHTS_SUFFIXES):
+        _reject_checkpoint_options(checkpoint_options, "a Keras weights file")
         if not os.path.exists(path):
             raise FileNotFoundError(f"Weights file not found: {path}")
         return LoadPlan(
             classes, representation_size, input_shape, lambda model: load_keras_weights(model, path)
         )
-    raise ValueError(
-        f"Unknown weights {path!r}: pass None or the path of a Keras "
-        f"'.weights.h5' file."
+    from keras_vit import checkpoints
+
+    if path.endswith(".npz") and os.path.exists(path):
+        info = checkpoints.inspect_npz(path)
+        source = path
+    else:
+        source = checkpoints.find_checkpoint(path, architecture)
+        if source is None:
+            if path.endswith(".npz"):
+                raise FileNotFoundError(f"Checkpoint file not found: {path}")
+            tags = ", ".join(checkpoints.tags_for(architecture)) if architecture else ""
+            raise ValueError(
+                f"Unknown weights {path!r}: pass None, a checkpoint tag"
+                + (f" of {architecture} ({tags})" if tags else "")
+                + ", an official .npz file or a Keras '.weights.h5' file; see keras_vit.list_weights()."
+            )
+        info = checkpoints.CheckpointInfo(source.classes, source.pre_logits, source.resolution)
+    return _checkpoint_plan(
+        source, info, include_top, classes, representation_size, input_shape, **checkpoint_options
     )
+
+
+def _reject_checkpoint_options(options, what):
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply to official checkpoints, not to {what}.")
+
+
+def _checkpoint_plan(source, info, include_top, classes, representation_size, input_shape,
+                     keep_pre_logits, expected_sha256):
+    """The plan for an official checkpoint: a registry entry or a local .npz path."""
+    from keras_vit import checkpoints
+
+    new_head = False
+    if include_top:
+        classes = info.classes if classes is None else classes
+        classes = 1000 if classes is None else classes  # a checkpoint without head
+        new_head = classes != info.classes
+    keep = _keep_pre_logits(info, include_top, new_head, representation_size, keep_pre_logits)
+    if input_shape is None and info.resolution:
+        input_shape = (info.resolution, info.resolution, 3)
+    load_options = dict(
+        new_head=new_head,
+        drop_pre_logits=bool(include_top and info.pre_logits and not keep),
+        expected_sha256=expected_sha256,
+    )
+    if isinstance(source, checkpoints.Checkpoint):
+        loader = lambda model: checkpoints.load_registered(model, source, **load_options)  # noqa: E731
+    else:
+        loader = lambda model: checkpoints.load_npz(model, source, **load_options)  # noqa: E731
+    return LoadPlan(classes, info.pre_logits if keep else None, input_shape, loader)
+
+
+def _keep_pre_logits(info, include_top, new_head, representation_size, keep_pre_logits):
+    """Whether the model gets the checkpoint's pre_logits layer (module docstring)."""
+    if not include_top:
+        if keep_pre_logits:
+            raise ValueError("keep_pre_logits=True needs include_top=True (pre_logits sits below the head).")
+        return False
+    keep = keep_pre_logits
+    if keep is None:
+        keep = representation_size is not None or (info.pre_logits is not None and not new_head)
+    if keep and info.pre_logits is None:
+        raise ValueError(
+            "This checkpoint has no pre_logits layer: leave keep_pre_logits and representation_size unset."
+        )
+    if keep and representation_size not in (None, info.pre_logits):
+        raise ValueError(
+            f"representation_size={representation_size} does not match the checkpoint's pre_logits "
+            f"width {info.pre_logits}: leave it unset."
+        )
+    if not keep and representation_size is not None:
+        raise ValueError(
+            f"representation_size={representation_size} with keep_pre_logits=False would add a random "
+            "pre_logits layer to a pretrained model: leave representation_size unset."
+        )
+    return bool(keep)
 
 
 def load_keras_weights(model, path):
