@@ -36,7 +36,65 @@ def _run_list(args):
         print(keras_vit.list_weights(print_table=False))
 
 
-SUBCOMMANDS = {"list": (_add_list, _run_list)}
+# ---------------------------------------------------------------------------
+# convert
+# ---------------------------------------------------------------------------
+
+CONVERT_SUFFIXES = (".keras", ".weights.h5")
+
+
+def _add_convert(subparsers):
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert an official .npz checkpoint (file or tag) into a .keras model or .weights.h5 file",
+        description="Loads an official checkpoint strictly into a keras_vit model and saves it. "
+        "CHECKPOINT is a .npz file or a checkpoint tag/official name (see `keras-vit list weights`).",
+    )
+    parser.add_argument("checkpoint", help="official .npz file, or a checkpoint tag such as in21k+in1k")
+    parser.add_argument("output", help="OUT.keras (whole model) or OUT.weights.h5 (weights only)")
+    parser.add_argument("--model", required=True, help="constructor name, e.g. ViT_B16")
+    parser.add_argument("--classes", type=int, default=None,
+                        help="head size (default the checkpoint's; another count gets a zero-initialised head)")
+    parser.add_argument("--image-size", type=int, nargs="+", metavar="PIXELS", default=None,
+                        help="input size: SIDE or HEIGHT WIDTH (default the checkpoint's resolution)")
+    parser.add_argument("--no-top", action="store_true", help="drop the head (include_top=False)")
+    pre_logits = parser.add_mutually_exclusive_group()
+    pre_logits.add_argument("--keep-pre-logits", dest="keep_pre_logits", action="store_const", const=True)
+    pre_logits.add_argument("--drop-pre-logits", dest="keep_pre_logits", action="store_const", const=False)
+    parser.add_argument("--sha256", default=None, help="SHA-256 the checkpoint file must have")
+
+
+def _run_convert(args):
+    import keras_vit
+
+    if not args.output.endswith(CONVERT_SUFFIXES):
+        raise UsageError(f"OUTPUT must end with {' or '.join(CONVERT_SUFFIXES)}, got {args.output!r}.")
+    if args.image_size is not None and len(args.image_size) not in (1, 2):
+        raise UsageError("--image-size takes SIDE or HEIGHT WIDTH.")
+    input_shape = None
+    if args.image_size:
+        height, width = (args.image_size * 2)[:2]
+        input_shape = (height, width, 3)
+    constructor = keras_vit.get_constructor(args.model)
+    model = constructor(
+        weights=args.checkpoint,
+        include_top=not args.no_top,
+        classes=args.classes,
+        input_shape=input_shape,
+        keep_pre_logits=args.keep_pre_logits,
+        expected_sha256=args.sha256,
+    )
+    folder = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(folder, exist_ok=True)
+    if args.output.endswith(".keras"):
+        model.save(args.output)
+    else:
+        model.save_weights(args.output)
+    print(f"{args.model} ({model.count_params():,} parameters, input {model.input_shape[1:]}, "
+          f"output {model.output_shape[1:]}) -> {args.output}")
+
+
+SUBCOMMANDS = {"list": (_add_list, _run_list), "convert": (_add_convert, _run_convert)}
 
 
 def build_parser():
@@ -60,7 +118,7 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         SUBCOMMANDS[args.command][1](args)
-    except (UsageError, ValueError, FileNotFoundError, PermissionError) as error:
+    except (UsageError, ValueError, OSError) as error:  # OSError: missing files, downloads
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"keras-vit {args.command}: error: {message}", file=sys.stderr)
         return 2

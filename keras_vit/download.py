@@ -32,6 +32,7 @@ can be used, and tested, on its own.
 
 import contextlib
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -184,7 +185,7 @@ def _stream(url, out, name, progress):
             while True:
                 try:
                     chunk = response.read(CHUNK_SIZE)
-                except (OSError, ValueError) as error:  # http.client.IncompleteRead, reset connection
+                except (OSError, ValueError, http.client.HTTPException) as error:  # IncompleteRead, reset
                     raise DownloadError(f"Download of {url} failed after {received} bytes: {error}.") from None
                 if not chunk:
                     break

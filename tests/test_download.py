@@ -1,0 +1,293 @@
+"""Downloads over a real HTTP server on 127.0.0.1: cache, hashes, atomicity, locking.
+
+No machine here reaches the official bucket, so a `http.server` in a thread
+serves generated checkpoints under the official relative paths, and
+KERAS_VIT_BASE_URL points keras_vit at it. The server counts the requests it
+gets, so "the second load uses the cache" is checked, not assumed.
+"""
+
+import contextlib
+import http.server
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import keras
+import numpy as np
+import pytest
+
+import keras_vit
+from keras_vit import checkpoints, download
+from official_checkpoints import official_arrays, write_checkpoint
+
+TINY = dict(patch_size=8, hidden_size=32, depth=2, num_heads=4, mlp_dim=64)
+TINY_FILE = "testing/tiny.npz"
+
+
+class CheckpointServer:
+    """Serves files of `root` by relative path; a path's `mode` can make it misbehave:
+    "ok", "404", "truncate" (a complete response with half the file), "corrupt"
+    (same size, some bytes zeroed) or "cut" (Content-Length of the whole file,
+    then the connection closes halfway)."""
+
+    def __init__(self, root, delay=0.0):
+        self.root, self.delay = root, delay
+        self.modes, self.requests = {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                relative = urllib.parse.unquote(self.path.lstrip("/"))
+                server.requests.append(relative)
+                mode = server.modes.get(relative, "ok")
+                path = os.path.join(server.root, relative)
+                if mode == "404" or not os.path.isfile(path):
+                    self.send_error(404, "Not Found")
+                    return
+                data = open(path, "rb").read()
+                if mode == "truncate":
+                    data = data[: len(data) // 2]
+                elif mode == "corrupt":
+                    middle = len(data) // 2
+                    data = data[:middle] + bytes(64) + data[middle + 64:]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if mode == "cut":
+                    data = data[: len(data) // 2]
+                step = max(len(data) // 20, 1 << 16)
+                for start in range(0, len(data), step):
+                    self.wfile.write(data[start: start + step])
+                    time.sleep(server.delay)
+                if mode == "cut":
+                    self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    root = tmp_path / "bucket"
+    (root / "testing").mkdir(parents=True)
+    write_checkpoint(root / TINY_FILE, official_arrays(**TINY, image_size=32, classes=5))
+    server = CheckpointServer(str(root))
+    monkeypatch.setenv(download.BASE_URL_ENV, server.url)
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    yield server
+    server.stop()
+
+
+def cache_files():
+    found = []
+    for folder, _, names in os.walk(download.cache_dir()):
+        found += [os.path.relpath(os.path.join(folder, n), download.cache_dir()) for n in names]
+    return sorted(n for n in found if not n.endswith(download.LOCK_SUFFIX))
+
+
+def served_bytes(server, relative=TINY_FILE):
+    return open(os.path.join(server.root, relative), "rb").read()
+
+
+def one_line(excinfo):
+    assert "\n" not in str(excinfo.value), str(excinfo.value)
+    return str(excinfo.value)
+
+
+def test_cache_location_follows_keras_home(monkeypatch, tmp_path):
+    monkeypatch.delenv(download.CACHE_ENV, raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+    assert download.cache_dir() == str(tmp_path / "kh" / "keras_vit")
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "mine"))
+    assert download.cache_dir() == str(tmp_path / "mine")
+    monkeypatch.delenv(download.BASE_URL_ENV, raising=False)
+    assert download.url_for("imagenet21k+imagenet2012/ViT-B_16.npz") == (
+        "https://storage.googleapis.com/vit_models/imagenet21k%2Bimagenet2012/ViT-B_16.npz")
+
+
+def test_second_fetch_uses_the_cache(server):
+    path = download.fetch(TINY_FILE, progress=False)
+    assert server.requests == [TINY_FILE]
+    assert open(path, "rb").read() == served_bytes(server)
+    recorded = open(path + download.HASH_SUFFIX).read().strip()
+    assert recorded == download.sha256_of(path)  # unknown hash: recorded at first download
+    assert download.fetch(TINY_FILE, progress=False) == path
+    assert server.requests == [TINY_FILE], "no request when the file is cached"
+    assert cache_files() == ["testing/tiny.npz", "testing/tiny.npz.sha256"]
+
+
+def test_hash_mismatch_caches_nothing(server):
+    with pytest.raises(ValueError) as excinfo:
+        download.fetch(TINY_FILE, sha256="ab" * 32, progress=False)
+    message = one_line(excinfo)
+    assert server.url + TINY_FILE in message and "ab" * 32 in message and "nothing was cached" in message
+    assert cache_files() == []
+    good = download.sha256_of(os.path.join(server.root, TINY_FILE))
+    # the caller's hash wins over a wrong registry hash, and over a right one
+    download.fetch(TINY_FILE, sha256="ab" * 32, expected_sha256=good, progress=False)
+    with pytest.raises(ValueError, match="expected_sha256"):
+        download.fetch(TINY_FILE, sha256=good, expected_sha256="cd" * 32, progress=False)
+    assert cache_files() == ["testing/tiny.npz", "testing/tiny.npz.sha256"], "a good file is kept"
+
+
+@pytest.mark.parametrize("mode", ["truncate", "corrupt", "cut"])
+def test_bad_transfer_caches_nothing_and_a_retry_succeeds(server, mode):
+    server.modes[TINY_FILE] = mode
+    with pytest.raises((ValueError, OSError)) as excinfo:
+        download.fetch(TINY_FILE, progress=False)
+    message = one_line(excinfo)
+    assert TINY_FILE in message and ("run again" in message or "retry" in message), message
+    assert cache_files() == []
+    server.modes[TINY_FILE] = "ok"
+    path = download.fetch(TINY_FILE, progress=False)
+    assert open(path, "rb").read() == served_bytes(server)
+
+
+def test_404_names_the_url(server):
+    with pytest.raises(OSError) as excinfo:
+        download.fetch("imagenet21k/ViT-Q_16.npz", progress=False)
+    assert f"{server.url}imagenet21k/ViT-Q_16.npz" in one_line(excinfo) and "404" in str(excinfo.value)
+    assert cache_files() == []
+
+
+def test_cached_file_damaged_later_is_removed_and_fetched_again(server):
+    path = download.fetch(TINY_FILE, progress=False)
+    data = bytearray(open(path, "rb").read())
+    data[100] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError) as excinfo:
+        download.fetch(TINY_FILE, progress=False)
+    assert path in one_line(excinfo) and "removed" in str(excinfo.value)
+    assert cache_files() == []
+    download.fetch(TINY_FILE, progress=False)
+    assert server.requests == [TINY_FILE, TINY_FILE]
+
+
+def test_unreadable_cached_checkpoint_is_removed_by_the_loader(server):
+    """A file whose hash matches its record but does not read as .npz (say, cached by
+    an older version) is removed so that the next run downloads it again."""
+    entry = checkpoints.Checkpoint(tag="test", architecture="vit", file=TINY_FILE, resolution=32,
+                                   classes=5, labels="imagenet1k")
+    path = download.cached_path(TINY_FILE)
+    os.makedirs(os.path.dirname(path))
+    open(path, "wb").write(served_bytes(server)[:300])
+    model = keras_vit.ViT(**TINY, input_shape=(32, 32, 3), classes=5)
+    with pytest.raises(ValueError) as excinfo:
+        checkpoints.load_registered(model, entry, progress=False)
+    assert path in one_line(excinfo) and "removed from the cache" in str(excinfo.value)
+    assert cache_files() == []
+    checkpoints.load_registered(model, entry, progress=False)
+    assert server.requests == [TINY_FILE]
+
+
+FETCH_IN_SUBPROCESS = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("kv_download", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print(module.fetch(sys.argv[2], progress=False))
+"""
+
+
+def test_two_processes_end_with_one_good_file(server):
+    server.delay = 0.05  # ~1 s per transfer: the two processes overlap
+    module_file = download.__file__  # loaded alone: no Keras import in the children
+    env = dict(os.environ)
+    children = [subprocess.Popen([sys.executable, "-c", FETCH_IN_SUBPROCESS, module_file, TINY_FILE],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                for _ in range(2)]
+    results = [child.communicate(timeout=120) for child in children]
+    assert [child.returncode for child in children] == [0, 0], results
+    paths = {out.strip() for out, _ in results}
+    assert paths == {download.cached_path(TINY_FILE)}
+    assert server.requests == [TINY_FILE], "the second process waited and used the first one's file"
+    assert open(paths.pop(), "rb").read() == served_bytes(server)
+    assert cache_files() == ["testing/tiny.npz", "testing/tiny.npz.sha256"]
+
+
+def test_cached_file_loads_with_the_server_gone(server):
+    first = download.fetch(TINY_FILE, progress=False)
+    server.stop()
+    assert download.fetch(TINY_FILE, progress=False) == first
+    download.remove_cached(TINY_FILE)
+    with pytest.raises(OSError, match="Cannot download") as excinfo:
+        download.fetch(TINY_FILE, progress=False)
+    assert server.url in one_line(excinfo)
+
+
+# ---------------------------------------------------------------------------
+# Acceptance: ViT_B16(weights="in21k") against the loopback server
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def b16_bucket(tmp_path_factory):
+    """A random ViT-B/16 in21k checkpoint (21,843 classes, pre_logits 768): ~412 MB,
+    written once for this module, under its official relative path."""
+    entry = checkpoints.find_checkpoint("in21k", "ViT_B16")
+    root = tmp_path_factory.mktemp("b16_bucket")
+    path = root / entry.file
+    path.parent.mkdir(parents=True)
+    write_checkpoint(path, official_arrays(**keras_vit.VARIANTS["B/16"], image_size=224, classes=21843,
+                                           representation_size=768, seed=7))
+    yield entry, root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def b16_server(b16_bucket, tmp_path, monkeypatch):
+    entry, root = b16_bucket
+    server = CheckpointServer(str(root))
+    monkeypatch.setenv(download.BASE_URL_ENV, server.url)
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    yield entry, server
+    server.stop()
+
+
+def weight(model, path):
+    return keras.ops.convert_to_numpy(next(w for w in model.weights if w.path == path))
+
+
+def stored(server, entry, *keys):
+    with np.load(os.path.join(server.root, entry.file), allow_pickle=False) as npz:
+        return [npz[key] for key in keys]
+
+
+def test_vit_b16_in21k_downloads_once_and_builds_the_21843_class_model(b16_server):
+    entry, server = b16_server
+    model = keras_vit.ViT_B16(weights="in21k")
+    assert server.requests == [entry.file]
+    assert model.input_shape == (None, 224, 224, 3) and model.output_shape == (None, 21843)
+    head, pre_logits, query = stored(server, entry, "head/kernel", "pre_logits/kernel",
+                                     "Transformer/encoderblock_11/MultiHeadDotProductAttention_1/query/kernel")
+    value = keras.ops.convert_to_numpy
+    np.testing.assert_array_equal(value(model.get_layer("predictions").kernel), head)
+    np.testing.assert_array_equal(value(model.get_layer("pre_logits").kernel), pre_logits)
+    np.testing.assert_array_equal(weight(model, "block_11/attention/query/kernel"), query)
+    cached = download.cached_path(entry.file)
+    assert open(cached + download.HASH_SUFFIX).read().strip() == download.sha256_of(cached)
+
+    # classes=10: the same cached file (no request), a zero-initialised head on the pretrained body
+    keras.backend.clear_session()
+    del model
+    model = keras_vit.ViT_B16(weights="in21k", classes=10)
+    assert server.requests == [entry.file]
+    assert model.output_shape == (None, 10)
+    head = model.get_layer("predictions")
+    assert not value(head.kernel).any() and not value(head.bias).any()
+    assert "pre_logits" not in {layer.name for layer in model.layers}  # official fine-tuning drops it
+    np.testing.assert_array_equal(weight(model, "block_11/attention/query/kernel"), query)
