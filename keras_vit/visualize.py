@@ -121,9 +121,11 @@ def overlay_attention(image, heatmap):
 
 
 def heat_overlay(image, heatmap, opacity=0.5):
-    """The image blended with a black-red-yellow-white heat colouring of the map."""
+    """The image blended with a black-red-yellow-white heat colouring of the map
+    (stretched to its own minimum and maximum)."""
     image = np.asarray(image, dtype=np.float32)
     mask = _upsample(heatmap, image.shape[:2])[..., None]
+    mask = (mask - mask.min()) / max(float(mask.max() - mask.min()), 1e-12)
     heat = np.clip(np.concatenate([3 * mask, 3 * mask - 1, 3 * mask - 2], axis=-1), 0, 1) * 255
     return np.clip((1 - opacity) * image + opacity * heat, 0, 255).astype(np.uint8)
 
