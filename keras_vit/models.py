@@ -16,9 +16,12 @@ table with the `keras.applications` signature. Layer names of a built model
     predictions          Dense head, zero-initialised, float32        "logits"
 """
 
+import textwrap
+
 import keras
 from keras import layers, ops
 
+from keras_vit import hybrid
 from keras_vit import layers as vit_layers
 
 DEFAULT_IMAGE_SIZE = 224
@@ -148,6 +151,7 @@ def ViT(
         x = layers.Rescaling(scale=1 / 127.5, offset=-1.0, name="rescaling")(x)
     if stem is not None:
         x = stem(x)
+        _check_feature_map(x.shape[1:3], vit_layers._pair(patch_size), input_shape)
 
     patch_encoder = vit_layers.PatchEncoder(patch_size, hidden_size, name="patch_embed")
     grid_size = patch_encoder.grid_size(x.shape[1:3])
@@ -215,21 +219,32 @@ def _image_shape(input_shape, input_tensor, patch_size, stem):
     return input_shape
 
 
+def _check_feature_map(feature_size, patch_size, input_shape):
+    """A stem's feature map must hold whole patches (as an image must without one)."""
+    if feature_size[0] % patch_size[0] or feature_size[1] % patch_size[1]:
+        raise ValueError(
+            f"input_shape {input_shape}: the stem makes a {feature_size[0]}x{feature_size[1]} "
+            f"feature map, not a multiple of the patch size {patch_size[0]}x{patch_size[1]}; "
+            "use an input size that gives whole patches."
+        )
+
+
 # ---------------------------------------------------------------------------
-# Constructors: one per row of VARIANTS, all with the same signature
+# Constructors: one per row of VARIANTS and of hybrid.HYBRID_VARIANTS, all
+# with the same signature
 # ---------------------------------------------------------------------------
 
-_CONSTRUCTOR_DOC = """Builds ViT-{variant}, the {variant} Vision Transformer of Dosovitskiy et al. (2021).
+_CONSTRUCTOR_DOC = """Builds {title}.
 
-    Width {hidden_size}, {depth} blocks, {num_heads} heads, MLP {mlp_dim},
-    {patch_size}x{patch_size} patches. With `include_preprocessing=True` (the
-    default) the model takes pixels in [0, 255].
+    {description}
+    With `include_preprocessing=True` (the default) the model takes pixels
+    in [0, 255].
 
     Args:
         include_top: whether to end with the classification head.
         weights: None, a checkpoint tag (see `keras_vit.list_weights()`), an
             official `.npz` file or a Keras `.weights.h5` file.
-        input_shape: (height, width, 3), multiples of {patch_size}; default
+        input_shape: (height, width, 3), multiples of {multiple}; default
             224x224, or the checkpoint's resolution.
         input_tensor: optional Keras tensor to use as the image input.
         pooling: "token", "gap" or None (see `keras_vit.ViT`).
@@ -248,9 +263,47 @@ _CONSTRUCTOR_DOC = """Builds ViT-{variant}, the {variant} Vision Transformer of 
     """
 
 
-def _make_constructor(variant):
-    config = VARIANTS[variant]
-    model_name = "vit_" + variant.lower().replace("/", "")
+# Keys of a constructor's `config` that describe its ResNet, not the Transformer.
+_STEM_KEYS = ("block_sizes", "width_factor")
+
+
+def hybrid_config(variant):
+    """The full configuration of a hybrid: its Transformer's row of VARIANTS,
+    the patch size on the ResNet's feature map, and the ResNet."""
+    row = hybrid.HYBRID_VARIANTS[variant]
+    return dict(VARIANTS[row["transformer"]], patch_size=row["patch_size"],
+                **{key: row[key] for key in _STEM_KEYS})
+
+
+def _constructor_doc(variant, config):
+    if "block_sizes" not in config:
+        title = f"ViT-{variant}, the {variant} Vision Transformer of Dosovitskiy et al. (2021)"
+        description = "Width {hidden_size}, {depth} blocks, {num_heads} heads, MLP {mlp_dim}, "
+        description += "{patch_size}x{patch_size} patches."
+        stride = 1
+    else:
+        title = f"{display_name(variant)}, a hybrid Vision Transformer of Dosovitskiy et al. (2021)"
+        description = (
+            "A ResNet (units per stage {block_sizes}, stride {stride}) feeds {patch_size}x{patch_size} "
+            "patches of its feature map to a Transformer of width {hidden_size}, {depth} blocks, "
+            "{num_heads} heads, MLP {mlp_dim}."
+        )
+        stride = hybrid.total_stride(config["block_sizes"])
+    description = textwrap.fill(description.format(stride=stride, **config), width=72, subsequent_indent="    ")
+    return _CONSTRUCTOR_DOC.format(title=title, description=description, multiple=stride * config["patch_size"])
+
+
+def display_name(variant):
+    """"B/16" -> "ViT-B/16"; "R50+B/16" -> "R50+ViT-B/16"."""
+    stem, _, transformer = variant.rpartition("+")
+    return f"{stem}+ViT-{transformer}" if stem else f"ViT-{variant}"
+
+
+def _make_constructor(variant, config):
+    vit_config = {key: value for key, value in config.items() if key not in _STEM_KEYS}
+    if "block_sizes" in config:
+        vit_config["stem"] = hybrid.stem_builder(config["block_sizes"], config["width_factor"])
+    model_name = "vit_" + variant.lower().replace("/", "").replace("+", "_")
 
     def constructor(
         include_top=True,
@@ -269,7 +322,7 @@ def _make_constructor(variant):
         **kwargs,
     ):
         return ViT(
-            **config,
+            **vit_config,
             representation_size=representation_size,
             include_top=include_top,
             weights=weights,
@@ -288,17 +341,23 @@ def _make_constructor(variant):
         )
 
     constructor.__name__ = constructor.__qualname__ = constructor_name(variant)
-    constructor.__doc__ = _CONSTRUCTOR_DOC.format(variant=variant, **config)
+    constructor.__doc__ = _constructor_doc(variant, config)
     constructor.variant = variant
+    constructor.config = config  # the keywords of parameter_count and gflops
     return constructor
 
 
 def constructor_name(variant):
-    """"B/16" -> "ViT_B16"."""
-    return "ViT_" + variant.replace("/", "")
+    """"B/16" -> "ViT_B16"; "R50+B/16" -> "R50_ViT_B16"."""
+    stem, _, transformer = variant.rpartition("+")
+    name = "ViT_" + transformer.replace("/", "")
+    return f"{stem}_{name}" if stem else name
 
 
-CONSTRUCTORS = {constructor_name(v): _make_constructor(v) for v in VARIANTS}
+CONSTRUCTORS = {constructor_name(v): _make_constructor(v, VARIANTS[v]) for v in VARIANTS}
+CONSTRUCTORS.update(
+    {constructor_name(v): _make_constructor(v, hybrid_config(v)) for v in hybrid.HYBRID_VARIANTS}
+)
 globals().update(CONSTRUCTORS)
 
 
@@ -379,11 +438,12 @@ class _AttentionScores(layers.Layer):
 
 def format_constructors_table():
     """The constructors as a text table: variant, parameters, GFLOPs at 224."""
-    rows = [("constructor", "width", "depth", "heads", "MLP", "patch", "params (1000 classes)", "GFLOPs @224")]
+    rows = [("constructor", "ResNet stages", "width", "depth", "heads", "MLP", "patch", "params (1000 classes)", "GFLOPs @224")]
     for name, constructor in CONSTRUCTORS.items():
-        config = VARIANTS[constructor.variant]
+        config = constructor.config
         rows.append((
             name,
+            str(config["block_sizes"]) if "block_sizes" in config else "-",
             str(config["hidden_size"]),
             str(config["depth"]),
             str(config["num_heads"]),
@@ -396,13 +456,26 @@ def format_constructors_table():
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def parameter_count(patch_size, hidden_size, depth, num_heads, mlp_dim, image_size=224, classes=1000):
-    """Parameters of a ViT with a class token and a head, without building it."""
+def _patched_input(image_size, block_sizes, width_factor):
+    """(side, channels) of what the patches are cut from: the image, or a hybrid's ResNet output."""
+    if block_sizes is None:
+        return image_size, 3
+    return hybrid.feature_map_side(block_sizes, image_size), hybrid.output_channels(block_sizes, width_factor)
+
+
+def parameter_count(patch_size, hidden_size, depth, num_heads, mlp_dim, image_size=224, classes=1000,
+                    block_sizes=None, width_factor=1):
+    """Parameters of a ViT with a class token and a head, without building it.
+
+    With `block_sizes` (and `width_factor`): a hybrid, its ResNet included.
+    """
     del num_heads  # the heads split the width; they add no parameters
-    tokens = (image_size // patch_size) ** 2 + 1
+    side, channels = _patched_input(image_size, block_sizes, width_factor)
+    tokens = (side // patch_size) ** 2 + 1
     block = 4 * (hidden_size**2 + hidden_size) + 2 * hidden_size * mlp_dim + mlp_dim + hidden_size + 4 * hidden_size
     return (
-        patch_size**2 * 3 * hidden_size + hidden_size  # patch embedding
+        (0 if block_sizes is None else hybrid.stem_parameter_count(block_sizes, width_factor))
+        + patch_size**2 * channels * hidden_size + hidden_size  # patch embedding
         + hidden_size + tokens * hidden_size  # class token, position embedding
         + depth * block
         + 2 * hidden_size  # final LayerNorm
@@ -410,12 +483,17 @@ def parameter_count(patch_size, hidden_size, depth, num_heads, mlp_dim, image_si
     )
 
 
-def gflops(patch_size, hidden_size, depth, num_heads, mlp_dim, image_size=224, classes=1000):
-    """Multiply-accumulates x 2 of one forward pass, in GFLOPs (matmuls only)."""
+def gflops(patch_size, hidden_size, depth, num_heads, mlp_dim, image_size=224, classes=1000,
+           block_sizes=None, width_factor=1):
+    """Multiply-accumulates x 2 of one forward pass, in GFLOPs (matmuls and
+    convolutions only); `block_sizes`, `width_factor`: a hybrid's ResNet."""
     del num_heads
-    tokens = (image_size // patch_size) ** 2 + 1
+    side, channels = _patched_input(image_size, block_sizes, width_factor)
+    tokens = (side // patch_size) ** 2 + 1
     patches = tokens - 1
-    macs = patches * patch_size**2 * 3 * hidden_size
+    macs = patches * patch_size**2 * channels * hidden_size
+    if block_sizes is not None:
+        macs += hybrid.stem_macs(block_sizes, width_factor, image_size)
     macs += depth * (
         4 * tokens * hidden_size**2  # q, k, v, out projections
         + 2 * tokens * tokens * hidden_size  # scores and weighted sum

@@ -22,10 +22,27 @@ def tiny_vit(input_shape=(32, 32, 3), **kwargs):
     return keras_vit.ViT(**config)
 
 
+# Two one-unit ResNet stages of 32 root features: total stride 8, like patch 8.
+TINY_RESNET = dict(block_sizes=(1, 1), width_factor=0.5)
+
+
+def tiny_hybrid(input_shape=(32, 32, 3), **kwargs):
+    """A tiny R+ViT: 1x1 patches of a small ResNet's feature map."""
+    stem = keras_vit.hybrid.stem_builder(**TINY_RESNET)
+    model = tiny_vit(input_shape, **dict(dict(patch_size=1, stem=stem), **kwargs))
+    # Each unit's last GroupNorm scale starts at zero (official), which, like the
+    # zero head, keeps gradients from the unit's convolutions on the first step.
+    for weight in model.get_layer("resnet_stem").weights:
+        if weight.path.endswith("gn3/gamma"):
+            weight.assign(np.random.default_rng(2).uniform(0.5, 1.5, weight.shape).astype("float32"))
+    return model
+
+
 # name -> builder(input_shape=..., **kwargs) of a small model of that family.
 # A new architecture gets every check below by adding one line here.
 ARCHITECTURES = {
     "vit": tiny_vit,
+    "hybrid": tiny_hybrid,
 }
 
 

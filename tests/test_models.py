@@ -36,7 +36,7 @@ def test_constructor_parameter_count(name):
     constructor = keras_vit.models.CONSTRUCTORS[name]
     model = constructor(weights=None)
     # parameter_count is the formula behind the README table; the built model must agree
-    assert model.count_params() == parameter_count(**keras_vit.VARIANTS[constructor.variant])
+    assert model.count_params() == parameter_count(**constructor.config)
     assert model.input_shape == (None, 224, 224, 3) and model.output_shape == (None, 1000)
 
 
