@@ -27,5 +27,7 @@ from keras_vit.models import (  # the application constructors, one per VARIANTS
 )
 from keras_vit.checkpoints import list_weights, load_npz
 from keras_vit.weights import load_weights
+from keras_vit import visualize
+from keras_vit.serving import export_for_serving
 
 __version__ = "0.1.0"

@@ -94,11 +94,243 @@ def _run_convert(args):
           f"output {model.output_shape[1:]}) -> {args.output}")
 
 
-SUBCOMMANDS = {"list": (_add_list, _run_list), "convert": (_add_convert, _run_convert)}
+# ---------------------------------------------------------------------------
+# predict
+# ---------------------------------------------------------------------------
+
+MODEL_FILE_SUFFIX = ".keras"
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _add_model_arguments(parser, model_flag=True):
+    if model_flag:
+        parser.add_argument("--model", default="ViT_B16",
+                            help="constructor name (see `keras-vit list models`) or a saved .keras model; "
+                            "default ViT_B16")
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint tag such as augreg_in21k+in1k (see `keras-vit list weights`), an official "
+                        ".npz or a .weights.h5 file; default: random weights")
+    parser.add_argument("--labels", default=None,
+                        help="class names: imagenet1k, imagenet21k or a text file with one per line "
+                        "(default: the checkpoint's, else by the number of classes)")
+
+
+def _add_predict(subparsers):
+    parser = subparsers.add_parser(
+        "predict",
+        help="classify images and print the top classes",
+        description="Classifies each IMAGE (JPEG, PNG, ...): it is resized to the model's input size "
+        "(bilinear, as the official evaluation) and fed as [0, 255] pixels.",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    _add_model_arguments(parser)
+    parser.add_argument("--top", type=_positive_int, default=5, metavar="K", help="how many classes to print (5)")
+    parser.add_argument("--explain", metavar="OUT.png", default=None,
+                        help="also write each image's attention-rollout map (the paper's Figure 6) to this PNG")
+
+
+def _read_image(path):
+    """An image file as (height, width, 3) uint8 RGB, or a one-line UsageError."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file.")
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a folder, not an image file.")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{path}: not a readable image ({reason}).") from None
+
+
+def _resize_images(images, size):
+    """Bilinear resize to `size` (no antialiasing, as the official evaluation's
+    tf.image.resize), as float32 [0, 255] pixels."""
+    import numpy as np
+    from keras import ops
+
+    resized = [
+        ops.convert_to_numpy(
+            ops.image.resize(image[None].astype("float32"), size, interpolation="bilinear", antialias=False)
+        )[0]
+        for image in images
+    ]
+    return np.stack(resized)
+
+
+def _load_model(name, weights):
+    """(model, label set or None, what the weights are) for --model/--weights."""
+    import keras
+
+    import keras_vit
+    from keras_vit import checkpoints
+
+    if name.endswith(MODEL_FILE_SUFFIX):
+        if weights is not None:
+            raise UsageError(f"--weights does not apply to {name}: a .keras model carries its own weights.")
+        if not os.path.exists(name):
+            raise UsageError(f"{name}: no such model file.")
+        return keras.saving.load_model(name), None, "its saved weights"
+    constructor = keras_vit.get_constructor(name)
+    label_set = None
+    if weights is not None and not os.path.exists(weights):
+        entry = checkpoints.find_checkpoint(weights, architecture=name)
+        label_set = entry.labels if entry is not None else None
+    return constructor(weights=weights), label_set, weights or "random weights"
+
+
+def _class_names(labels, label_set, classes):
+    from keras_vit import labels as vit_labels
+
+    if labels is not None and labels not in vit_labels.LABEL_SETS:
+        if not os.path.isfile(labels):
+            raise UsageError(
+                f"--labels {labels}: no such file (or use one of: {', '.join(vit_labels.LABEL_SETS)})."
+            )
+        with open(labels, encoding="utf-8") as file:
+            names = [line.rstrip("\n") for line in file if line.strip()]
+        if len(names) != classes:
+            raise UsageError(f"--labels {labels} has {len(names)} names, the model has {classes} classes.")
+        return names
+    return vit_labels.class_names(classes, labels or label_set)
+
+
+def _run_predict(args):
+    import numpy as np
+
+    from keras_vit import serving
+
+    if args.explain is not None and not args.explain.lower().endswith(".png"):
+        raise UsageError(f"--explain writes a PNG picture: give a name ending in .png, got {args.explain!r}.")
+    images = [_read_image(path) for path in args.images]  # every file checked before the model loads
+    model, label_set, source = _load_model(args.model, args.weights)
+    classes = model.output_shape[-1]
+    names = _class_names(args.labels, label_set, classes)
+    batch = _resize_images(images, model.input_shape[1:3])
+    scores = np.asarray(model.predict(batch, batch_size=8, verbose=0), dtype="float64")
+    if serving.outputs_are_logits(model):
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+    if args.weights is None and not args.model.endswith(MODEL_FILE_SUFFIX):
+        print(f"note: {args.model} has random weights, so these predictions mean nothing; "
+              "pass --weights TAG (see `keras-vit list weights`).")
+    top = min(args.top, classes)
+    captions = []
+    for path, row in zip(args.images, scores):
+        best = np.argsort(-row)[:top]
+        print(f"{path}  ({args.model}, {source})")
+        for rank, index in enumerate(best, 1):
+            print(f"  {rank}. {row[index]:.4f}  {names[index]}")
+        captions.append(f"{os.path.basename(path)}: {names[best[0]]} ({row[best[0]]:.2f})")
+    if args.explain is not None:
+        from keras_vit import visualize
+
+        heatmaps = visualize.attention_rollout_maps(model, batch)
+        visualize.save_attention_overlay(batch, heatmaps, args.explain, captions=captions)
+        print(f"attention maps: {args.explain}")
+
+
+# ---------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------
+
+
+def _add_export(subparsers):
+    parser = subparsers.add_parser(
+        "export",
+        help="export a model as a TensorFlow Serving SavedModel (EXPORT_DIR/<version>/)",
+        description="Writes MODEL as a SavedModel in EXPORT_DIR/<version>/, the layout TensorFlow Serving "
+        "loads, with signatures serving_default (encoded JPEG/PNG images, REST {\"b64\": ...}), serve_pixels "
+        "(uint8 batches) and serve_float (float32 batches as model.predict takes). The export needs "
+        "TensorFlow only, not keras_vit.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="constructor name (e.g. ViT_B16) or a saved .keras model")
+    parser.add_argument("export_dir", metavar="EXPORT_DIR", help="the model's folder for TF Serving")
+    _add_model_arguments(parser, model_flag=False)  # MODEL is positional here
+    parser.add_argument("--version", type=int, default=None,
+                        help="version folder number (default: one more than the highest there)")
+    parser.add_argument("--top", type=_positive_int, default=5, metavar="K", help="top-k outputs (5)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
+
+
+def _run_export(args):
+    from keras_vit import serving
+
+    model, label_set, source = _load_model(args.model, args.weights)
+    names = _class_names(args.labels, label_set, model.output_shape[-1])
+    version_dir = serving.export_for_serving(
+        model, args.export_dir, class_names=names, version=args.version, top_k=args.top, overwrite=args.overwrite
+    )
+    height, width = model.input_shape[1:3]
+    name = os.path.basename(os.path.abspath(args.export_dir))
+    print(f"{args.model} ({source}, {len(names)} classes, {height}x{width}) -> {version_dir}")
+    print(f"signatures: {', '.join(serving.SIGNATURES)}")
+    print(f"serve it:   docker run -p 8501:8501 -v {os.path.abspath(args.export_dir)}:/models/{name} "
+          f"-e MODEL_NAME={name} tensorflow/serving")
+    print(f"query it:   curl -d '{{\"instances\": [{{\"b64\": \"'$(base64 -w0 IMAGE.jpg)'\"}}]}}' "
+          f"localhost:8501/v1/models/{name}:predict")
+
+
+# ---------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------
+
+
+def _add_demo(subparsers):
+    parser = subparsers.add_parser(
+        "demo",
+        help="offline end to end: train a small ViT on digits, save, export for serving, draw attention",
+        description="Trains a small ViT on scikit-learn's bundled handwritten digits (no network needed), "
+        "reports its held-out accuracy, saves it as .keras, exports it for TF Serving, classifies held-out "
+        "digits through the reloaded export and writes an attention-map picture.",
+    )
+    parser.add_argument("--output-dir", default="keras_vit_demo", help="where everything goes (./keras_vit_demo)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (25)")
+
+
+def _run_demo(args):
+    try:
+        from keras_vit import demo
+    except ImportError as error:
+        raise UsageError(f"the demo needs {error.name}: pip install {error.name}.") from None
+    result = demo.run(args.output_dir, epochs=args.epochs or demo.EPOCHS)
+    if result["accuracy"] < demo.ACCURACY_BAR:
+        print(f"keras-vit demo: error: held-out accuracy {result['accuracy']:.2%} is below "
+              f"the demo's {demo.ACCURACY_BAR:.0%} bar.", file=sys.stderr)
+        return 1
+    return 0
+
+
+SUBCOMMANDS = {
+    "list": (_add_list, _run_list),
+    "convert": (_add_convert, _run_convert),
+    "predict": (_add_predict, _run_predict),
+    "export": (_add_export, _run_export),
+    "demo": (_add_demo, _run_demo),
+}
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Reports a misused flag in one line (argparse also prints the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="keras-vit",
         description="Vision Transformers for Keras 3, with Google's official checkpoints.",
     )
@@ -112,12 +344,11 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_usage(sys.stderr)
         print(f"keras-vit: error: choose a command: {', '.join(SUBCOMMANDS)} (see keras-vit --help)", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        SUBCOMMANDS[args.command][1](args)
+        status = SUBCOMMANDS[args.command][1](args)
     except (UsageError, ValueError, OSError) as error:  # OSError: missing files, downloads
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"keras-vit {args.command}: error: {message}", file=sys.stderr)
@@ -125,7 +356,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("keras-vit: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def export_for_serving(
     top_k = min(top_k, classes)
     if model_takes_pixels is None:
         model_takes_pixels = any(isinstance(layer, keras.layers.Rescaling) for layer in model.layers)
-    outputs_are_logits = _activation_name(model) == "linear"
+    logits = outputs_are_logits(model)
     version_dir, version = _version_dir(export_dir, version, overwrite)
 
     label_table = tf.constant(names, dtype=tf.string)
@@ -91,7 +91,7 @@ def export_for_serving(
     def classify(images):
         """float32 (batch, H, W, 3) in the model's own input range -> outputs."""
         scores = tf.cast(model(images, training=False), tf.float32)
-        if outputs_are_logits:
+        if logits:
             scores = tf.nn.softmax(scores, axis=-1)
         best = tf.math.top_k(scores, k=top_k)
         return {
@@ -232,9 +232,11 @@ def _class_names(class_names, classes):
     return names
 
 
-def _activation_name(model):
+def outputs_are_logits(model):
+    """Whether the model's last layer has no activation (logits, not
+    probabilities): the export and `keras-vit predict` then apply a softmax."""
     activation = getattr(model.layers[-1], "activation", None)
-    return getattr(activation, "__name__", "linear" if activation is None else "")
+    return activation is None or getattr(activation, "__name__", "") == "linear"
 
 
 def _version_dir(export_dir, version, overwrite):
