@@ -92,6 +92,47 @@ def official_arrays(patch_size, hidden_size, depth, num_heads, mlp_dim, image_si
         yield from dense("head", width, (width,), (classes,), (classes,))
 
 
+def resnet_arrays(block_sizes, width_factor=1, seed=1, old_group_norm_shape=False):
+    """{official key: array} of a random hybrid ResNet, for `official_arrays(extra=...)`.
+
+    Written from vision_transformer's models_resnet.py / models_vit.py: conv_root
+    (7x7), gn_root, then stage s (`block{s}`) of bottleneck units (`unit{u}`)
+    with 64*2^(s-1) features (x width_factor): conv1 1x1, conv2 3x3, conv3 1x1
+    to 4x the features, each with its GroupNorm, and conv_proj/gn_proj where
+    the unit changes width or stride (every stage's first unit).
+    old_group_norm_shape: GroupNorm arrays as (1, 1, 1, C), as older Flax saved them.
+    """
+    rng = np.random.default_rng(seed)
+    arrays = {}
+
+    def conv(name, size, cin, cout):
+        arrays[f"{name}/kernel"] = rng.normal(0.0, (size * size * cin) ** -0.5, (size, size, cin, cout)).astype("float32")
+
+    def group_norm(name, width):
+        shape = (1, 1, 1, width) if old_group_norm_shape else (width,)
+        arrays[f"{name}/scale"] = (1.0 + rng.normal(0.0, 0.1, shape)).astype("float32")
+        arrays[f"{name}/bias"] = rng.normal(0.0, 0.1, shape).astype("float32")
+
+    width = int(64 * width_factor)
+    conv("conv_root", 7, 3, width)
+    group_norm("gn_root", width)
+    channels = width
+    for stage, units in enumerate(block_sizes):
+        features = width * 2**stage
+        for unit in range(units):
+            prefix = f"block{stage + 1}/unit{unit + 1}"
+            if unit == 0:  # (stride 2 after stage 1, or new width): a projection shortcut
+                conv(f"{prefix}/conv_proj", 1, channels, 4 * features)
+                group_norm(f"{prefix}/gn_proj", 4 * features)
+            for index, (size, cin, cout) in enumerate(
+                [(1, channels, features), (3, features, features), (1, features, 4 * features)], 1
+            ):
+                conv(f"{prefix}/conv{index}", size, cin, cout)
+                group_norm(f"{prefix}/gn{index}", cout)
+            channels = 4 * features
+    return arrays
+
+
 def to_layout(items, layout="plain"):
     """Re-keys (key, array) pairs from the plain layout to `layout` (lazily)."""
     if layout == "plain":
@@ -146,3 +187,24 @@ def resized_posemb_zoom(posemb, new_grid):
     grid = posemb[0, 1:].reshape(side, side, -1)
     zoomed = scipy.ndimage.zoom(grid, (new_grid[0] / side, new_grid[1] / side, 1), order=1)
     return np.concatenate([posemb[:, :1], zoomed.reshape(1, -1, posemb.shape[-1])], axis=1)
+
+
+def import_timm():
+    """(torch, timm) for the parity tests; skips the test when they are not installed.
+
+    torch imports triton when present, and triton's compiler library crashes
+    the process (segfault) when it loads after TensorFlow's, which conftest
+    imports first (both bundle LLVM). torch needs triton only to compile for
+    GPUs and treats it as optional, so it is hidden before torch is imported.
+    """
+    import sys
+
+    import pytest
+
+    if "torch" not in sys.modules:
+        sys.modules.setdefault("triton", None)
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    import timm.models.vision_transformer  # noqa: F401 (the loader the tests call)
+
+    return torch, timm
