@@ -27,7 +27,18 @@ from keras_vit.models import (  # the application constructors, one per VARIANTS
 )
 from keras_vit.checkpoints import list_weights, load_npz
 from keras_vit.weights import load_weights
+from keras_vit import training
 from keras_vit import visualize
 from keras_vit.serving import export_for_serving
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # keras_vit.data imports TensorFlow (tf.data): loaded on first use, so that
+    # `import keras_vit` stays light on the JAX and torch backends.
+    if name == "data":
+        import importlib
+
+        return importlib.import_module("keras_vit.data")
+    raise AttributeError(f"module 'keras_vit' has no attribute {name!r}")

@@ -1,0 +1,224 @@
+"""What examples/finetune.py and examples/pretrain.py share: their absl flags,
+one-line errors, and the run itself (strategy -> data -> model -> train).
+
+The scripts differ only in their defaults and their recipe (see
+keras_vit.training); everything else, including fault tolerance, lives in
+keras_vit.training.train.
+"""
+
+import ast
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # tf.distribute needs it
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+OUR_FLAGS = []  # the flags these scripts define, for error messages
+
+
+def _define(kind, name, default, help, **kwargs):
+    getattr(flags, f"DEFINE_{kind}")(name=name, default=default, help=help, **kwargs)
+    OUR_FLAGS.append(name)
+
+
+def define_flags(*, model, image_size, batch_size):
+    """The flags both scripts take; `model`, `image_size`, `batch_size` are
+    the script's defaults."""
+    from keras_vit import training
+
+    _define("string", "model", model, "a constructor name (ViT_Ti16 ... ViT_H14), or ViT with --model_args")
+    _define("string", "model_args", "", "more constructor arguments, key=value[,key=value], e.g. "
+            "patch_size=8,hidden_size=32,depth=2,num_heads=4,mlp_dim=64 with --model ViT")
+    _define("string", "weights", None, "passed to the constructor: a checkpoint tag, an official .npz or a .weights.h5")
+    _define("string", "dataset", None, "a TFDS name (cifar10, cifar100, oxford_iiit_pet, oxford_flowers102, "
+            "imagenet2012), digits (scikit-learn's offline digits) or an image folder (one sub-folder per class)")
+    _define("string", "eval_dataset", None, "the dataset to evaluate on (default --dataset; e.g. imagenet_v2)")
+    _define("string", "data_dir", None, "the TFDS data directory")
+    _define("integer", "image_size", image_size, "training and evaluation resolution", lower_bound=1)
+    _define("integer", "batch_size", batch_size, "global batch size, split across replicas", lower_bound=1)
+    _define("integer", "eval_batch_size", None, "global evaluation batch size (default --batch_size)", lower_bound=1)
+    _define("integer", "steps", None, "optimizer updates (default: the recipe's)", lower_bound=1)
+    _define("integer", "warmup_steps", None, "linear warm-up steps (default: the recipe's)", lower_bound=0)
+    _define("float", "learning_rate", None, "base learning rate (default: the recipe's)", lower_bound=0)
+    _define("integer", "accum_steps", 1, "micro-batches per update (gradient accumulation)", lower_bound=1)
+    _define("float", "randaugment", None, "RandAugment magnitude factor in [0, 1] (off by default)",
+            lower_bound=0, upper_bound=1)
+    _define("float", "mixup", None, "MixUp alpha (off by default)", lower_bound=0)
+    _define("bool", "mixed_precision", False, "mixed_float16 on GPUs, mixed_bfloat16 elsewhere")
+    _define("enum", "strategy", "auto", "tf.distribute strategy", enum_values=list(training.STRATEGIES))
+    _define("string", "tpu", None, "the TPU for --strategy tpu: a Cloud TPU name, or local on a TPU VM")
+    _define("integer", "cpu_replicas", 0, "split the CPU into this many logical devices (tf.distribute without GPUs)",
+            lower_bound=0)
+    _define("enum", "jit_compile", "auto", "XLA-compile the train step (auto: Keras's choice, off on CPUs and under tf.distribute)",
+            enum_values=["auto", "true", "false"])
+    _define("string", "model_dir", None, "checkpoints, TensorBoard logs, model.keras and results.json; "
+            "a run started again with the same model_dir resumes")
+    _define("integer", "save_every", 100, "checkpoint every this many steps", lower_bound=1)
+    _define("integer", "seed", 0, "seed of the data order, augmentation and initialisation")
+    flags.mark_flags_as_required(["dataset", "model_dir"])
+
+
+class UsageError(Exception):
+    """A mistake in the command line: printed as one line, exit status 2."""
+
+
+def fail(message):
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        message = str(error).strip().splitlines()[0]
+        if "Unknown command line flag" in message:
+            message += f" (flags: {', '.join('--' + n for n in OUR_FLAGS)})"
+        fail(message)
+
+
+def run(build_recipe):
+    """Runs a script: `build_recipe(train_source, model_variant)` -> Recipe."""
+    app.run(lambda argv: _main(argv, build_recipe), flags_parser=_parse_flags)
+
+
+def _main(argv, build_recipe):
+    from absl import logging
+
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines drown the progress
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpshort)")
+    try:
+        setup = _setup(build_recipe)
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        fail(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    _train(*setup)
+
+
+def _setup(build_recipe):
+    import keras
+
+    from keras_vit import data, models, training
+
+    if keras.backend.backend() != "tensorflow":
+        raise UsageError(f"these scripts use tf.distribute: set KERAS_BACKEND=tensorflow (it is {keras.backend.backend()})")
+    if FLAGS.cpu_replicas:
+        training.split_cpu(FLAGS.cpu_replicas)
+    strategy = training.make_strategy(FLAGS.strategy, FLAGS.tpu)
+    on_tpu = FLAGS.strategy == "tpu"
+    if FLAGS.mixed_precision:
+        import tensorflow as tf
+
+        keras.mixed_precision.set_global_policy(
+            "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+        )
+    if FLAGS.model == "ViT":
+        constructor, variant = models.ViT, "ViT"
+    else:
+        constructor = models.get_constructor(FLAGS.model)
+        variant = getattr(constructor, "variant", FLAGS.model)
+    model_args = _parse_model_args(FLAGS.model_args)
+
+    train_source = data.source(FLAGS.dataset, "train", FLAGS.data_dir)
+    eval_source = data.source(FLAGS.eval_dataset or FLAGS.dataset, "eval", FLAGS.data_dir)
+    if eval_source.num_classes != train_source.num_classes:
+        raise UsageError(
+            f"--eval_dataset {eval_source.name} has {eval_source.num_classes} classes, "
+            f"--dataset {train_source.name} {train_source.num_classes}"
+        )
+    with strategy.scope():  # the optimizer, like the model, must be made under the scope
+        recipe = build_recipe(train_source, variant)
+    replicas = strategy.num_replicas_in_sync
+    if recipe.batch_size % (replicas * recipe.accum_steps):
+        raise UsageError(
+            f"--batch_size {recipe.batch_size} must be a multiple of replicas ({replicas}) x --accum_steps "
+            f"({recipe.accum_steps})"
+        )
+    jit = {"true": True, "false": False}.get(FLAGS.jit_compile, "auto")  # Keras: off on CPUs and under tf.distribute
+
+    keras.utils.set_random_seed(FLAGS.seed)
+    size = FLAGS.image_size
+    with strategy.scope():  # model, optimizer slots and metrics live on the strategy's devices
+        try:
+            model = constructor(
+                weights=FLAGS.weights,
+                input_shape=(size, size, 3),
+                classes=train_source.num_classes,
+                **{**recipe.model_kwargs, **model_args},
+            )
+        except TypeError as error:  # an argument the constructor does not take
+            raise UsageError(f"--model {FLAGS.model} --model_args: {error}") from None
+        trainer = training.Trainer(model, accum_steps=recipe.accum_steps)
+        trainer.compile(
+            optimizer=recipe.optimizer,
+            loss=recipe.loss,
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+            jit_compile=jit,
+        )
+
+    value_range = data.input_range(model)  # [0, 255] when the model scales pixels itself
+
+    def train_data(start_step):
+        return data.train_dataset(
+            train_source,
+            size,
+            recipe.batch_size,
+            seed=FLAGS.seed,
+            start_step=start_step,
+            value_range=value_range,
+            randaugment=FLAGS.randaugment,
+            mixup=FLAGS.mixup,
+        )
+
+    eval_data = data.eval_dataset(
+        eval_source,
+        size,
+        FLAGS.eval_batch_size or recipe.batch_size,
+        value_range=value_range,
+        drop_remainder=on_tpu,  # TPUs need static shapes
+    )
+    print(
+        f"{FLAGS.model} on {train_source.name} ({train_source.num_classes} classes) at {size}x{size}, "
+        f"{replicas} replica(s) ({type(strategy).__name__}), XLA {'on' if trainer.jit_compile else 'off'}.\n"
+        f"{recipe.description}",
+        flush=True,
+    )
+    return trainer, train_data, eval_data, eval_source, recipe, strategy
+
+
+def _train(trainer, train_data, eval_data, eval_source, recipe, strategy):
+    from keras_vit import training
+
+    results = training.train(
+        trainer,
+        train_data,
+        recipe.total_steps,
+        FLAGS.model_dir,
+        save_every=min(FLAGS.save_every, recipe.total_steps),
+        eval_data=eval_data,
+    )
+    directory = training.task_directory(FLAGS.model_dir, strategy)
+    print(
+        f"Trained {results['steps']} steps (from step {results['start_step']}) in {results['train_seconds']} s. "
+        f"Held-out accuracy on {eval_source.name} ({eval_source.split}, {eval_source.num_examples or '?'} images): "
+        f"{results['eval']['accuracy']:.4f}. Model: {os.path.join(directory, 'model.keras')}",
+        flush=True,
+    )
+
+
+def _parse_model_args(text):
+    """"patch_size=8,hidden_size=32" -> {"patch_size": 8, "hidden_size": 32}."""
+    args = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(f"--model_args: expected key=value, got {item!r}")
+        try:
+            args[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            args[key.strip()] = value.strip()  # a bare word: a string
+    return args

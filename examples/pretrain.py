@@ -1,0 +1,46 @@
+"""Pre-trains a ViT with the paper's recipe (Appendix B.1, Table 3), on any tf.distribute strategy.
+
+    python examples/pretrain.py --model ViT_B16 --preset imagenet --dataset imagenet2012 \\
+        --model_dir runs/b16-i1k --strategy tpu --tpu local
+
+Adam (0.9, 0.999) with decoupled weight decay, batch 4096 at 224x224, 10k
+warm-up steps then linear decay (cosine and clipping at norm 1 for
+ImageNet-1k), the learning rate, weight decay and dropout of Table 3 for
+--model on the --preset dataset, sigmoid cross-entropy for the multi-label
+presets (imagenet21k, jft300m). The step count is the preset's epochs over
+--dataset unless --steps is given. See examples/common.py for the flags both
+scripts share.
+"""
+
+import common
+from absl import flags
+
+from keras_vit import training
+
+common.define_flags(model="ViT_B16", image_size=training.PRETRAIN_RESOLUTION, batch_size=training.PRETRAIN_BATCH_SIZE)
+common._define("enum", "preset", "imagenet", "the Table 3 row: the dataset the recipe was made for "
+               "(imagenet covers every model)", enum_values=list(training.PRETRAIN_DATASETS))
+common._define("integer", "epochs", None, "epochs over --dataset (default: the preset's)", lower_bound=1)
+common._define("float", "weight_decay", None, "decoupled weight decay (default: the preset's)", lower_bound=0)
+common._define("float", "dropout", None, "dropout rate (default: the preset's)", lower_bound=0, upper_bound=1)
+FLAGS = flags.FLAGS
+
+
+def build_recipe(train_source, variant):
+    return training.pretrain_recipe(
+        variant,
+        FLAGS.preset,
+        num_examples=train_source.num_examples,
+        epochs=FLAGS.epochs,
+        total_steps=FLAGS.steps,
+        warmup_steps=training.PRETRAIN_WARMUP_STEPS if FLAGS.warmup_steps is None else FLAGS.warmup_steps,
+        learning_rate=FLAGS.learning_rate,
+        weight_decay=FLAGS.weight_decay,
+        dropout=FLAGS.dropout,
+        batch_size=FLAGS.batch_size,
+        accum_steps=FLAGS.accum_steps,
+    )
+
+
+if __name__ == "__main__":
+    common.run(build_recipe)

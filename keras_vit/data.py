@@ -1,0 +1,414 @@
+"""Input pipelines for training and evaluating ViTs: `tf.data` and TensorFlow Datasets.
+
+Augmentation lives here, outside the model, so the model stays a pure
+function that XLA compiles whole. A pipeline yields `(images, labels)`
+batches: float32 images in the model's input range (`input_range(model)`:
+[0, 255] pixels for models built with `include_preprocessing=True`, the
+default, else [-1, 1]) and one-hot float32 labels (soft after MixUp).
+
+    data = keras_vit.data
+    train_source = data.source("cifar10", "train")
+    train = data.train_dataset(train_source, image_size=384, batch_size=512, seed=0)
+    test = data.eval_dataset(data.source("cifar10", "eval"), image_size=384, batch_size=512)
+
+Datasets: the TFDS names of `TFDS_SPLITS` (with the train/eval splits of the
+official code), `"digits"` (scikit-learn's bundled 8x8 digits: offline, for
+quick runs) or the path of an image folder with one sub-folder per class.
+
+Training examples get the official fine-tuning augmentation: an Inception
+crop (`sample_distorted_bounding_box`, area 5%-100%), a resize to the
+training resolution and a random horizontal flip; RandAugment and MixUp (as
+in AugReg) come from Keras's own preprocessing layers. Evaluation examples are
+resized whole (official), or resized and centre-cropped with `crop_fraction`.
+Every random choice is seeded: the same seed gives the same batches.
+"""
+
+import dataclasses
+import os
+import zlib
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+AUTOTUNE = tf.data.AUTOTUNE
+SPLITS = ("train", "eval")
+MAX_SHUFFLE_BUFFER = 50_000  # as the official code; bounds host memory
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+EVAL_FOLDER_NAMES = ("val", "validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSplits:
+    train: Optional[str]  # None: an evaluation-only dataset
+    eval: str
+
+
+# The official code's splits (google-research/vision_transformer); Pets and
+# Flowers train on their whole training data, as the paper's final runs.
+TFDS_SPLITS = {
+    "cifar10": TfdsSplits("train[:98%]", "test"),
+    "cifar100": TfdsSplits("train[:98%]", "test"),
+    "oxford_iiit_pet": TfdsSplits("train", "test"),
+    "oxford_flowers102": TfdsSplits("train+validation", "test"),
+    "imagenet2012": TfdsSplits("train[:99%]", "validation"),
+    "imagenet_v2": TfdsSplits(None, "test"),  # ImageNet's labels: fine-tune on imagenet2012
+}
+DIGITS = "digits"
+
+
+@dataclasses.dataclass
+class Source:
+    """The undecorated examples of one split: (uint8 image, int label) pairs.
+
+    `read(shuffle_files, seed)` makes the `tf.data.Dataset`. `crop_area` and
+    `flip` are the dataset's training-augmentation defaults.
+    """
+
+    name: str
+    split: str
+    num_classes: int
+    num_examples: Optional[int]
+    read: Callable[[bool, int], tf.data.Dataset]
+    crop_area: tuple = (0.05, 1.0)
+    flip: bool = True
+
+
+def available_datasets():
+    return list(TFDS_SPLITS) + [DIGITS]
+
+
+def source(dataset, split="train", data_dir=None, tfds_split=None, download=True):
+    """The `Source` of `split` ("train" or "eval") of `dataset`.
+
+    Args:
+        dataset: a name of `available_datasets()` or the path of an image
+            folder (one sub-folder per class; with `train/` and `val/` (or
+            `validation/`, `test/`) sub-folders those are the splits, else
+            10% of each class, chosen by a hash of the file name, is held out).
+        split: "train" or "eval".
+        data_dir: the TFDS data directory (default: TFDS's own).
+        tfds_split: overrides the TFDS split string (e.g. "train[:10%]").
+        download: let TFDS download and prepare a dataset it does not have.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
+    dataset = os.fspath(dataset)
+    if dataset == DIGITS:
+        return _digits_source(split)
+    if dataset in TFDS_SPLITS:
+        return _tfds_source(dataset, split, data_dir, tfds_split, download)
+    if os.path.isdir(dataset):
+        return _folder_source(dataset, split)
+    raise ValueError(
+        f"Unknown dataset {dataset!r}: use one of {', '.join(available_datasets())}, "
+        "or the path of an image folder with one sub-folder per class."
+    )
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow Datasets
+# ---------------------------------------------------------------------------
+
+
+def _tfds_source(name, split, data_dir, tfds_split, download):
+    import tensorflow_datasets as tfds
+
+    splits = TFDS_SPLITS[name]
+    tfds_split = tfds_split or getattr(splits, split)
+    if tfds_split is None:
+        raise ValueError(
+            f"{name} has no {split} split: it is an evaluation set "
+            "(train on imagenet2012 and evaluate on it)."
+        )
+    builder = tfds.builder(name, data_dir=data_dir)
+    if download and not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except Exception as error:  # noqa: BLE001 - network, manual download: one line for the user
+            raise ValueError(
+                f"TFDS could not prepare {name} in {builder.data_dir}: {_first_line(error)} "
+                "Download it there first, or point data_dir to where it is."
+            ) from error
+
+    def read(shuffle_files, seed):
+        try:
+            ds = builder.as_dataset(
+                split=tfds_split,
+                shuffle_files=shuffle_files,
+                as_supervised=True,
+                read_config=tfds.ReadConfig(shuffle_seed=seed),
+            )
+        except AssertionError as error:  # TFDS's "could not find data"
+            raise ValueError(f"{name}: {_first_line(error)}") from error
+        return ds.map(lambda image, label: (image, tf.cast(label, tf.int32)))
+
+    try:  # split sizes: unknown for mock data
+        num_examples = builder.info.splits[tfds_split].num_examples
+    except (KeyError, ValueError, AssertionError):
+        num_examples = None
+    return Source(name, split, builder.info.features["label"].num_classes, num_examples, read)
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------
+# scikit-learn's digits: a real image dataset that is always offline
+# ---------------------------------------------------------------------------
+
+DIGITS_TEST_FRACTION = 0.2
+
+
+def digits(image_size=None, test_fraction=DIGITS_TEST_FRACTION):
+    """scikit-learn's 1,797 handwritten 8x8 digits as RGB images.
+
+    Returns `((x_train, y_train), (x_test, y_test))` as numpy arrays: uint8
+    pixels in [0, 255] of shape (n, 8, 8, 3), or (n, image_size, image_size, 3)
+    upsampled bilinearly when `image_size` is given, and int32 labels 0-9.
+    The split is stratified and fixed (it never depends on a training seed),
+    so accuracies on the test part are comparable across runs.
+    """
+    from sklearn import datasets, model_selection
+
+    bunch = datasets.load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+    images = np.repeat(images[..., None], 3, axis=-1)
+    if image_size is not None:
+        resized = tf.image.resize(images, (image_size, image_size), method="bilinear")
+        images = np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+    labels = bunch.target.astype(np.int32)
+    x_train, x_test, y_train, y_test = model_selection.train_test_split(
+        images, labels, test_size=test_fraction, stratify=labels, random_state=0
+    )
+    return (x_train, y_train), (x_test, y_test)
+
+
+def _digits_source(split):
+    (x_train, y_train), (x_test, y_test) = digits()
+    images, labels = (x_train, y_train) if split == "train" else (x_test, y_test)
+
+    def read(shuffle_files, seed):
+        del shuffle_files, seed  # in memory: the shuffle buffer holds all of it
+        return tf.data.Dataset.from_tensor_slices((images, labels))
+
+    # Digits are not mirror-symmetric, and an 8x8 image has few pixels to crop.
+    return Source(DIGITS, split, 10, len(labels), read, crop_area=(0.5, 1.0), flip=False)
+
+
+# ---------------------------------------------------------------------------
+# An image folder: <root>/<class>/<image> (optionally under train/ and val/)
+# ---------------------------------------------------------------------------
+
+FOLDER_EVAL_FRACTION = 0.1
+
+
+def _folder_source(root, split):
+    train_dir = os.path.join(root, "train")
+    eval_dirs = [os.path.join(root, n) for n in EVAL_FOLDER_NAMES if os.path.isdir(os.path.join(root, n))]
+    if os.path.isdir(train_dir) and eval_dirs:
+        class_names = _class_folders(train_dir)
+        files, labels = _list_images(train_dir if split == "train" else eval_dirs[0], class_names)
+    else:
+        class_names = _class_folders(root)
+        files, labels = _list_images(root, class_names)
+        # A hash of the relative path picks the held-out files: stable when files are added.
+        held_out = np.array([
+            zlib.crc32(os.path.relpath(f, root).encode()) % 1000 < FOLDER_EVAL_FRACTION * 1000 for f in files
+        ], dtype=bool)
+        keep = held_out if split == "eval" else ~held_out
+        files, labels = [f for f, k in zip(files, keep) if k], [l for l, k in zip(labels, keep) if k]
+    if not files:
+        raise ValueError(f"Image folder {root} has no {split} images ({', '.join(IMAGE_EXTENSIONS)}).")
+
+    def read(shuffle_files, seed):
+        del shuffle_files, seed  # one file per example: the shuffle buffer shuffles them
+        ds = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, np.int32)))
+        return ds.map(_decode_file, num_parallel_calls=AUTOTUNE)
+
+    return Source(root, split, len(class_names), len(files), read)
+
+
+def _class_folders(directory):
+    names = sorted(n for n in os.listdir(directory) if os.path.isdir(os.path.join(directory, n)))
+    if not names:
+        raise ValueError(f"Image folder {directory} has no class sub-folders (<folder>/<class>/<image>).")
+    return names
+
+
+def _list_images(directory, class_names):
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(directory, name)
+        if not os.path.isdir(class_dir):
+            continue
+        for file in sorted(os.listdir(class_dir)):
+            if file.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(os.path.join(class_dir, file))
+                labels.append(label)
+    return files, labels
+
+
+def _decode_file(path, label):
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return image, label
+
+
+# ---------------------------------------------------------------------------
+# The pipelines
+# ---------------------------------------------------------------------------
+
+
+def input_range(model):
+    """The pixel range `model` takes: (0, 255) if it scales inputs itself
+    (`include_preprocessing=True`, a "rescaling" layer), else (-1, 1)."""
+    try:
+        model.get_layer("rescaling")
+    except ValueError:
+        return (-1.0, 1.0)
+    return (0.0, 255.0)
+
+
+def train_dataset(
+    source,
+    image_size,
+    batch_size,
+    *,
+    seed=0,
+    start_step=0,
+    value_range=(0.0, 255.0),
+    crop_area=None,
+    flip=None,
+    randaugment=None,
+    mixup=None,
+    shuffle_buffer=None,
+):
+    """An endless stream of augmented training batches, deterministic in `seed`.
+
+    Args:
+        source: a `Source` (see `source()`).
+        image_size: the training resolution (square).
+        batch_size: the global batch size; `tf.distribute` splits it across
+            replicas (and workers: the dataset is sharded by example).
+        seed: all randomness (file order, shuffling, crops, flips,
+            RandAugment, MixUp) derives from it.
+        start_step: the step a resumed run starts from; it re-seeds the
+            stream so a resumed run does not replay the batches it already saw.
+        value_range: the model's input range (`input_range(model)`).
+        crop_area: Inception-crop area range; default the source's (5%-100%).
+        flip: random horizontal flips; default the source's (all but digits).
+        randaugment: None, or the RandAugment magnitude factor in [0, 1] of
+            `keras.layers.RandAugment` (2 ops; Keras picks the ops per batch).
+        mixup: None, or the MixUp alpha (AugReg uses 0.2 or 0.5).
+        shuffle_buffer: default min(examples, 50,000).
+    """
+    crop_area = tuple(crop_area or source.crop_area)
+    flip = source.flip if flip is None else flip
+    seed = _stream_seed(seed, start_step)
+    buffer = shuffle_buffer or min(source.num_examples or 10_000, MAX_SHUFFLE_BUFFER)
+
+    def augment(index, example):
+        image, label = example
+        crop_seed, flip_seed = tf.unstack(
+            tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), index]), 2)
+        )
+        image = inception_crop(image, image_size, crop_area, crop_seed)
+        if flip:
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return image, tf.one_hot(label, source.num_classes)
+
+    ds = source.read(True, seed)
+    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    # Stateless ops seeded by the example's position: parallel and deterministic.
+    ds = ds.enumerate().map(augment, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    # Keras's augmentation layers draw from one seed generator: a sequential map
+    # keeps their draws in a fixed order.
+    ds = ds.map(_batch_augmentation(value_range, randaugment, mixup, seed))
+    return _with_options(ds).prefetch(AUTOTUNE)
+
+
+def eval_dataset(source, image_size, batch_size, *, value_range=(0.0, 255.0), crop_fraction=1.0, drop_remainder=False):
+    """Evaluation batches in file order: each image resized to `image_size`
+    (official), or with `crop_fraction` < 1 its shorter side resized to
+    image_size / crop_fraction and the centre cropped. TPUs need
+    `drop_remainder=True` (static shapes)."""
+
+    def preprocess(image, label):
+        image = center_crop(image, image_size, crop_fraction)
+        return scale(image, value_range), tf.one_hot(label, source.num_classes)
+
+    ds = source.read(False, 0).map(preprocess, num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return _with_options(ds).prefetch(AUTOTUNE)
+
+
+def inception_crop(image, image_size, area_range=(0.05, 1.0), seed=(0, 0)):
+    """A random crop of `area_range` of the image (aspect 3/4-4/3), resized to
+    image_size x image_size, as the official fine-tuning pipeline."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
+        seed=seed,
+        area_range=area_range,
+        min_object_covered=0.0,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, size)
+    image.set_shape([None, None, 3])  # tf.slice loses the static channel count
+    return tf.image.resize(image, (image_size, image_size))
+
+
+def center_crop(image, image_size, crop_fraction=1.0):
+    if crop_fraction >= 1.0:
+        return tf.image.resize(image, (image_size, image_size))
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale_to = (image_size / crop_fraction) / tf.reduce_min(shape)
+    resized = tf.cast(tf.round(shape * scale_to), tf.int32)
+    image = tf.image.resize(image, resized)
+    top, left = (resized[0] - image_size) // 2, (resized[1] - image_size) // 2
+    return tf.image.crop_to_bounding_box(image, top, left, image_size, image_size)
+
+
+def scale(images, value_range):
+    """[0, 255] pixels -> value_range."""
+    low, high = value_range
+    images = tf.cast(images, tf.float32)
+    if (low, high) == (0.0, 255.0):
+        return images
+    return images * ((high - low) / 255.0) + low
+
+
+def _batch_augmentation(value_range, randaugment, mixup, seed):
+    import keras
+
+    rand_augment = None
+    if randaugment is not None:
+        rand_augment = keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=randaugment, seed=seed)
+    mix = keras.layers.MixUp(alpha=mixup, seed=seed + 1) if mixup else None
+
+    def apply(images, labels):
+        if rand_augment is not None:
+            images = rand_augment(images, training=True)
+        if mix is not None:
+            mixed = mix({"images": images, "labels": labels}, training=True)
+            images, labels = mixed["images"], mixed["labels"]
+        return scale(images, value_range), labels
+
+    return apply
+
+
+def _stream_seed(seed, start_step):
+    # A resumed run draws a new, still deterministic, stream.
+    return int(seed) if not start_step else int((int(seed) * 1_000_003 + int(start_step)) % (2**31 - 1))
+
+
+def _with_options(ds):
+    options = tf.data.Options()
+    options.deterministic = True
+    # Every worker reads the same seeded stream and keeps its share of the
+    # examples: works for any source (in-memory arrays have no files to shard).
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
