@@ -161,8 +161,6 @@ def export_for_serving(
         return classify(tf.ensure_shape(images, (None, height, width, 3)))
 
     module = tf.Module()
-    module.model_variables = list(model.variables)  # tracked: saved with the graph
-    module.class_names = tf.Variable(names, trainable=False, name="class_names")
     signatures = {}
     for name, function in (
         ("serving_default", serving_default),
@@ -171,6 +169,12 @@ def export_for_serving(
     ):
         setattr(module, name, function)
         signatures[name] = function.get_concrete_function()
+    # Track the tf.Variables the traced graphs read (as keras' ExportArchive
+    # does), not the keras wrappers around them: TF1-style loaders
+    # (TF Serving, saved_model_cli) only restore variables saved this way.
+    captured = {id(v): v for function in signatures.values() for v in function.variables}
+    module.model_variables = list(captured.values())
+    module.class_names = tf.Variable(names, trainable=False, name="class_names")
 
     # Written next to the final folder and renamed into place: TF Serving
     # polls the folder and must never see a half-written version.

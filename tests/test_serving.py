@@ -1,0 +1,252 @@
+"""TF Serving export: the SavedModel must stand alone and agree with model.predict.
+
+One tiny non-square model (with its own class names) and one that takes
+[-1, 1] inputs and returns logits are exported once per module; a fresh
+Python process that cannot import keras or keras_vit loads both, as TF
+Serving would, and `saved_model_cli run` reads one.
+"""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+import keras_vit
+from keras_vit import labels, serving
+from harness import randomize_head, tiny_vit
+
+tf = pytest.importorskip("tensorflow")
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TF Serving export is TensorFlow")
+
+SHAPE = (32, 48, 3)
+NAMES = ["cat", "dog", "car", "tree", "boat"]
+TOLERANCE = 1e-5
+EXAMPLE_IMAGE = os.path.join(os.path.dirname(__file__), "..", "examples", "images", "cat.jpg")
+
+
+def _pixels(batch=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (batch,) + SHAPE).astype("uint8")
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{kind: (model, version_dir)} for a pixels+softmax and a [-1,1]+logits model."""
+    root = tmp_path_factory.mktemp("exports")
+    keras.utils.set_random_seed(0)
+    pixels_model = tiny_vit(input_shape=SHAPE)
+    randomize_head(pixels_model)
+    scaled_model = tiny_vit(input_shape=SHAPE, include_preprocessing=False, classifier_activation=None)
+    randomize_head(scaled_model)
+    return {
+        "pixels": (pixels_model, serving.export_for_serving(pixels_model, str(root / "pixels"), class_names=NAMES, top_k=3)),
+        "scaled": (scaled_model, serving.export_for_serving(scaled_model, str(root / "scaled"))),
+    }
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    """The pixels model's export, loaded in this process."""
+    return tf.saved_model.load(exported["pixels"][1])
+
+
+def _softmax(logits):
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import base64, json, sys
+    import numpy as np
+    # The export must not need keras or keras_vit: make importing them fail.
+    sys.modules["keras"] = None
+    sys.modules["keras_vit"] = None
+    import tensorflow as tf
+
+    inputs = np.load(sys.argv[1])
+    results = {}
+    for kind in ("pixels", "scaled"):
+        signatures = tf.saved_model.load(sys.argv[2 if kind == "pixels" else 3]).signatures
+        results[kind + "/float"] = signatures["serve_float"](images=tf.constant(inputs[kind + "_float"]))
+        results[kind + "/uint8"] = signatures["serve_pixels"](images=tf.constant(inputs["uint8"]))
+    # The body of a TF Serving REST predict request, as a client would send it.
+    body = json.loads(open(sys.argv[4]).read())
+    encoded = [base64.b64decode(item["b64"]) for item in body["instances"]]  # as TF Serving does
+    results["pixels/bytes"] = tf.saved_model.load(sys.argv[2]).signatures["serving_default"](images=tf.constant(encoded))
+    arrays = {f"{key}:{name}": value.numpy() for key, out in results.items() for name, value in out.items()}
+    np.savez(sys.argv[5], **{key: a.astype("S") if a.dtype == object else a for key, a in arrays.items()})
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def fresh_process_outputs(exported, tmp_path_factory):
+    work = tmp_path_factory.mktemp("fresh")
+    pixels = _pixels()
+    inputs = {
+        "uint8": pixels,
+        "pixels_float": pixels.astype("float32") + np.float32(0.25),  # not only whole numbers
+        "scaled_float": np.random.default_rng(1).uniform(-1, 1, (3,) + SHAPE).astype("float32"),
+    }
+    np.savez(work / "inputs.npz", **inputs)
+    body = {"instances": [{"b64": base64.b64encode(_png(image)).decode("ascii")} for image in pixels]}
+    (work / "request.json").write_text(json.dumps(body))
+    script = work / "serve.py"
+    script.write_text(FRESH_PROCESS)
+    command = [sys.executable, str(script), str(work / "inputs.npz"), exported["pixels"][1],
+               exported["scaled"][1], str(work / "request.json"), str(work / "outputs.npz")]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    outputs = dict(np.load(work / "outputs.npz"))
+    return inputs, outputs
+
+
+def test_export_is_versioned_for_tf_serving(exported, tmp_path):
+    _, version_dir = exported["pixels"]
+    export_dir = os.path.dirname(version_dir)
+    assert os.path.basename(version_dir) == "1"
+    assert os.path.isfile(os.path.join(version_dir, "saved_model.pb"))
+    assert os.listdir(export_dir) == ["1"], "no partial folders left behind"
+    with pytest.raises(ValueError, match="already exists"):
+        serving.export_for_serving(exported["pixels"][0], export_dir, version=1)
+    assert os.listdir(export_dir) == ["1"]
+    (tmp_path / "7").mkdir()
+    assert serving._version_dir(str(tmp_path), None, overwrite=False) == (str(tmp_path / "8"), 8)
+
+
+def test_signatures_and_outputs(loaded):
+    assert set(loaded.signatures) == set(serving.SIGNATURES)
+    outputs = loaded.signatures["serve_pixels"](images=tf.constant(_pixels(2)))
+    assert outputs["probabilities"].shape == (2, 5) and outputs["probabilities"].dtype == tf.float32
+    assert outputs["top_k_indices"].shape == (2, 3) and outputs["top_k_indices"].dtype == tf.int32
+    assert outputs["top_k_scores"].shape == (2, 3)
+    assert outputs["top_k_labels"].dtype == tf.string
+    assert [name.decode() for name in loaded.class_names.numpy()] == NAMES
+
+
+def test_fresh_process_float_input_matches_predict(exported, fresh_process_outputs):
+    inputs, outputs = fresh_process_outputs
+    model, _ = exported["pixels"]
+    expected = model.predict(inputs["pixels_float"], verbose=0)
+    probabilities = outputs["pixels/float:probabilities"]
+    assert np.abs(probabilities - expected).max() <= TOLERANCE
+    top = np.argsort(-expected, axis=-1)[:, :3]
+    np.testing.assert_array_equal(outputs["pixels/float:top_k_indices"], top)
+    np.testing.assert_allclose(outputs["pixels/float:top_k_scores"], np.take_along_axis(expected, top, -1), atol=TOLERANCE)
+    assert outputs["pixels/float:top_k_labels"].tolist() == [[NAMES[i].encode() for i in row] for row in top]
+
+
+def test_fresh_process_uint8_and_rest_bytes_match_predict(exported, fresh_process_outputs):
+    inputs, outputs = fresh_process_outputs
+    model, _ = exported["pixels"]
+    expected = model.predict(inputs["uint8"].astype("float32"), verbose=0)
+    assert np.abs(outputs["pixels/uint8:probabilities"] - expected).max() <= TOLERANCE
+    # PNG is lossless: the REST body's images are the same pixels
+    assert np.abs(outputs["pixels/bytes:probabilities"] - expected).max() <= TOLERANCE
+
+
+def test_fresh_process_model_without_preprocessing(exported, fresh_process_outputs):
+    """A model taking [-1, 1] and returning logits: float input goes in as it
+    is, uint8 pixels are scaled in the graph, outputs are softmaxed."""
+    inputs, outputs = fresh_process_outputs
+    model, _ = exported["scaled"]
+    expected = _softmax(model.predict(inputs["scaled_float"], verbose=0))
+    assert np.abs(outputs["scaled/float:probabilities"] - expected).max() <= TOLERANCE
+    scaled = keras.ops.convert_to_numpy(keras_vit.preprocess_inputs(inputs["uint8"]))
+    expected = _softmax(model.predict(scaled, verbose=0))
+    assert np.abs(outputs["scaled/uint8:probabilities"] - expected).max() <= TOLERANCE
+    np.testing.assert_allclose(outputs["scaled/uint8:probabilities"].sum(axis=-1), 1.0, rtol=1e-5)
+    assert outputs["scaled/uint8:top_k_labels"][0, 0].decode().startswith("class_")
+
+
+def test_saved_model_cli_run(exported, tmp_path):
+    model, version_dir = exported["pixels"]
+    images = _pixels(2, seed=5).astype("float32")
+    np.save(tmp_path / "images.npy", images)
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    completed = subprocess.run(
+        [cli, "run", "--dir", version_dir, "--tag_set", "serve", "--signature_def", "serve_float",
+         "--inputs", f"images={tmp_path / 'images.npy'}", "--outdir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    probabilities = np.load(tmp_path / "out" / "probabilities.npy")
+    assert np.abs(probabilities - model.predict(images, verbose=0)).max() <= TOLERANCE
+
+
+def test_jpeg_is_decoded_and_resized_as_the_official_evaluation(exported, loaded):
+    """A real photo of another size: decoded and bilinearly resized to the
+    model's size in the graph, as tf.image.resize in the official pipeline."""
+    model, _ = exported["pixels"]
+    with open(EXAMPLE_IMAGE, "rb") as file:
+        data = file.read()
+    served = loaded.signatures["serving_default"](images=tf.constant([data]))
+    reference = tf.image.resize(tf.io.decode_jpeg(data, channels=3)[None], SHAPE[:2], method="bilinear")
+    expected = model.predict(reference.numpy(), verbose=0)
+    assert np.abs(served["probabilities"].numpy() - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "signature, images, problem",
+    [
+        ("serving_default", np.array([b"this is not an image"]), "not a JPEG, PNG, GIF or BMP image"),
+        ("serving_default", np.array([], dtype=bytes), "empty batch"),
+        ("serving_default", np.array([[b"x"]]), "expected a rank-1"),
+        ("serve_pixels", np.zeros(SHAPE, "uint8"), "expected a rank-4"),
+        ("serve_pixels", np.zeros((1, 32, 48, 4), "uint8"), "3 (RGB) channels"),
+        ("serve_float", np.zeros((0,) + SHAPE, "float32"), "empty batch"),
+        ("serve_float", np.zeros((1, 32, 32, 3), "float32"), "must be 32x48"),
+    ],
+)
+def test_bad_input_names_the_problem(loaded, signature, images, problem):
+    function = loaded.signatures[signature]
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        function(images=tf.constant(images))
+    assert problem in str(error.value)
+    assert signature in str(error.value)
+
+
+def test_export_refuses_what_it_cannot_serve(tmp_path):
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="3 class names for a model with 5 classes"):
+        serving.export_for_serving(model, str(tmp_path), class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="include_top=True"):
+        serving.export_for_serving(tiny_vit(include_top=False), str(tmp_path))  # (batch, tokens, width)
+    assert os.listdir(tmp_path) == [], "a refused export writes nothing"
+
+
+def test_default_class_names():
+    assert serving._class_names(None, 1000) == labels.load_labels("imagenet1k")
+    assert serving._class_names(None, 21843) == labels.load_labels("imagenet21k")
+    assert serving._class_names(None, 3) == ["class_0", "class_1", "class_2"]
+    assert serving._class_names("imagenet1k", 1000)[0] == "tench, Tinca tinca"
+    with pytest.raises(ValueError, match="has 1000 classes"):
+        serving._class_names("imagenet1k", 10)
+
+
+def test_label_files_are_the_official_order():
+    imagenet1k = labels.load_labels("imagenet1k")
+    assert len(imagenet1k) == 1000 and len(set(imagenet1k)) >= 998  # "crane" and "maillot" appear twice
+    # Spot checks against the official ilsvrc2012 order (class ids of the checkpoints)
+    assert imagenet1k[0] == "tench, Tinca tinca"
+    assert imagenet1k[281] == "tabby, tabby cat"
+    assert imagenet1k[504] == "coffee mug"
+    assert imagenet1k[999] == "toilet tissue, toilet paper, bathroom tissue"
+    imagenet21k = labels.load_labels("imagenet21k")
+    assert len(imagenet21k) == 21843 and imagenet21k[0] == "organism, being"
+    assert all(name and "\n" not in name for name in imagenet21k)
+    assert labels.short_name(imagenet1k[281]) == "tabby"
