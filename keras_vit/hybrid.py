@@ -64,9 +64,9 @@ def _register(cls):
 
 
 def standardize_kernel(kernel, epsilon=STD_CONV_EPSILON):
-    """(kernel - mean) / (std + epsilon) per output filter, in float32."""
+    """(kernel - mean) / (std + epsilon) per output filter, in float32 at least."""
     dtype = kernel.dtype
-    kernel = ops.cast(kernel, "float32")
+    kernel = ops.cast(kernel, keras.backend.result_type(dtype, "float32"))
     axes = tuple(range(len(kernel.shape) - 1))
     kernel = kernel - ops.mean(kernel, axis=axes, keepdims=True)
     kernel = kernel / (ops.std(kernel, axis=axes, keepdims=True) + epsilon)
