@@ -1,0 +1,206 @@
+"""The `keras-vit` command line as a new user meets it, run in subprocesses.
+
+Importing TensorFlow costs seconds, so most cases run in one subprocess that
+calls `keras_vit.cli.main` once per command line and records exit code,
+stdout and stderr of each; the console script and `python -m keras_vit`
+are run for real as well.
+"""
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import harness
+from keras_vit import visualize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE_IMAGES = sorted(glob.glob(os.path.join(ROOT, "examples", "images", "*.jpg")))
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "keras-vit")
+SUBCOMMANDS = ("list", "convert", "predict", "export", "demo")
+# TensorFlow's C++ runtime logs a few lines straight to stderr while it
+# loads (before any setting can silence them); they are not the CLI's output.
+TF_RUNTIME_LOG = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog|[IWEF]\d{4} \S+\s+\d+ \S+:\d+\] |"
+    r"To enable the following instructions)"
+)
+
+BATCH_DRIVER = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    from keras_vit import cli
+
+    results = []
+    for argv in json.load(open(sys.argv[1])):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(argv)
+            except SystemExit as exit:  # argparse: --help and misused flags
+                code = exit.code
+        results.append({"argv": argv, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+    json.dump(results, open(sys.argv[2], "w"))
+    """
+)
+
+
+def _cli_lines(stderr):
+    return [line for line in stderr.splitlines() if line.strip() and not TF_RUNTIME_LOG.match(line)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    not_an_image = folder / "notes.jpg"
+    not_an_image.write_text("this is text, not a JPEG\n")
+    truncated = folder / "truncated.png"
+    truncated.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
+    return {"folder": str(folder), "not_an_image": str(not_an_image), "truncated": str(truncated)}
+
+
+# Each: (command line, words the one-line error must contain).
+MISUSES = [
+    ([], "choose a command"),
+    (["predict"], "required: IMAGE"),
+    (["predict", "{missing}"], "no such file"),
+    (["predict", "{not_an_image}"], "not a readable image"),
+    (["predict", "{truncated}"], "not a readable image"),
+    (["predict", "{folder}"], "is a folder"),
+    (["predict", "{image}", "--model", "ViT_X99"], "Unknown model 'ViT_X99'"),
+    (["predict", "{image}", "--model", "ViT_B16", "--weights", "no_such_tag"], "Unknown weights 'no_such_tag'"),
+    (["predict", "{image}", "--model", "ViT_B16", "--weights", "missing.weights.h5"], "not found"),
+    (["predict", "{image}", "--model", "missing.keras"], "no such model file"),
+    (["predict", "{image}", "--top", "0"], "--top"),
+    (["predict", "{image}", "--explain", "out.jpg"], ".png"),
+    (["predict", "{image}", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["list", "everything"], "invalid choice: 'everything'"),
+    (["export"], "required: MODEL, EXPORT_DIR"),
+    (["export", "ViT_X99", "{folder}/export"], "Unknown model 'ViT_X99'"),
+    (["export", "ViT_B16", "{folder}/export", "--weights", "no_such_tag"], "Unknown weights 'no_such_tag'"),
+    (["demo", "--epochs", "many"], "--epochs"),
+]
+
+
+@pytest.fixture(scope="module")
+def batch(files, tmp_path_factory):
+    """Every command line of this module's in-batch checks, run in one subprocess."""
+    values = dict(files, missing=os.path.join(files["folder"], "missing.jpg"), image=EXAMPLE_IMAGES[0])
+    command_lines = [[part.format(**values) for part in argv] for argv, _ in MISUSES]
+    command_lines += [[name, "--help"] for name in SUBCOMMANDS] + [["--help"]]
+    command_lines += [["list"], ["predict", *EXAMPLE_IMAGES, "--model", "ViT_Ti16", "--top", "3"]]
+    work = tmp_path_factory.mktemp("batch")
+    (work / "argv.json").write_text(json.dumps(command_lines))
+    (work / "driver.py").write_text(BATCH_DRIVER)
+    completed = subprocess.run(
+        [sys.executable, str(work / "driver.py"), str(work / "argv.json"), str(work / "results.json")],
+        capture_output=True, text=True, timeout=600, cwd=files["folder"],
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((work / "results.json").read_text())
+    return {tuple(result["argv"]): result for result in results}, command_lines
+
+
+@pytest.mark.parametrize("index", range(len(MISUSES)), ids=[" ".join(argv) or "no-arguments" for argv, _ in MISUSES])
+def test_misuse_gets_a_one_line_error(batch, index):
+    results, command_lines = batch
+    result = results[tuple(command_lines[index])]
+    expected = MISUSES[index][1]
+    assert result["code"] == 2, result
+    lines = result["stderr"].splitlines()
+    assert len(lines) == 1, f"expected one line, got: {result['stderr']!r}"
+    assert lines[0].startswith("keras-vit") and "error:" in lines[0]
+    assert expected in lines[0]
+    assert result["stdout"] == ""
+
+
+@pytest.mark.parametrize("subcommand", SUBCOMMANDS + ("",))
+def test_help(batch, subcommand):
+    results, _ = batch
+    argv = (subcommand, "--help") if subcommand else ("--help",)
+    result = results[argv]
+    assert result["code"] == 0 and result["stderr"] == ""
+    assert result["stdout"].startswith(f"usage: keras-vit {subcommand}".rstrip())
+    if not subcommand:
+        for name in SUBCOMMANDS:
+            assert name in result["stdout"]
+
+
+def test_list_prints_constructors_and_checkpoints(batch):
+    result = batch[0][("list",)]
+    assert result["code"] == 0
+    for expected in ("constructor", "ViT_Ti16", "ViT_H14", "augreg_in21k+in1k", "imagenet21k/ViT-B_16.npz"):
+        assert expected in result["stdout"]
+
+
+def test_predict_with_random_weights_says_so(batch):
+    result = batch[0][("predict", *EXAMPLE_IMAGES, "--model", "ViT_Ti16", "--top", "3")]
+    assert result["code"] == 0, result["stderr"]
+    out = result["stdout"]
+    assert out.startswith("note: ViT_Ti16 has random weights")
+    for path in EXAMPLE_IMAGES:
+        assert f"{path}  (ViT_Ti16, random weights)" in out
+    ranks = re.findall(r"^  ([123])\. (\d\.\d{4})  (.+)$", out, flags=re.MULTILINE)
+    assert [rank for rank, _, _ in ranks] == ["1", "2", "3"] * len(EXAMPLE_IMAGES)
+    # a zero-initialised head gives every ImageNet class 1/1000
+    assert {score for _, score, _ in ranks} == {"0.0010"}
+    assert all(label for _, _, label in ranks)
+
+
+def test_console_script_and_module_entry_points(tmp_path):
+    for command in ([CONSOLE_SCRIPT], [sys.executable, "-m", "keras_vit", "predict", str(tmp_path / "gone.png")]):
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        lines = _cli_lines(completed.stderr)
+        assert completed.returncode == 2
+        assert len(lines) == 1 and "error:" in lines[0], completed.stderr
+        assert "Traceback" not in completed.stderr
+
+
+def test_predict_matches_the_model_and_explains(tmp_path):
+    """A saved .keras model through the console script: the printed labels and
+    scores are the model's on the resized images, and --explain draws them."""
+    import tensorflow as tf
+
+    model = harness.tiny_vit()
+    harness.randomize_head(model)
+    model.save(tmp_path / "tiny.keras")
+    names = ["apple", "bear", "cloud", "dune", "eel"]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    completed = subprocess.run(
+        [CONSOLE_SCRIPT, "predict", *EXAMPLE_IMAGES, "--model", "tiny.keras", "--labels", "names.txt",
+         "--top", "2", "--explain", "why.png"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert _cli_lines(completed.stderr) == []
+    printed = re.findall(r"^  ([12])\. (\d\.\d{4})  (\w+)$", completed.stdout, flags=re.MULTILINE)
+
+    expected = []
+    for path in EXAMPLE_IMAGES:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+        resized = tf.image.resize(pixels[None], (32, 32), method="bilinear").numpy()
+        scores = model.predict(resized, verbose=0)[0]
+        for rank, index in enumerate(np.argsort(-scores)[:2], 1):
+            expected.append((str(rank), f"{scores[index]:.4f}", names[index]))
+    assert printed == expected
+    with Image.open(tmp_path / "why.png") as picture:
+        assert picture.format == "PNG"
+        assert picture.height >= len(EXAMPLE_IMAGES) * visualize.MIN_PANEL_SIDE  # one row per image
+
+
+def test_demo_exit_code_reflects_the_accuracy_bar(monkeypatch, capsys):
+    from keras_vit import cli, demo
+
+    monkeypatch.setattr(demo, "run", lambda output_dir, epochs: {"accuracy": 0.5})
+    assert cli.main(["demo"]) == 1
+    assert "below the demo's 95% bar" in capsys.readouterr().err
+    monkeypatch.setattr(demo, "run", lambda output_dir, epochs: {"accuracy": 0.99})
+    assert cli.main(["demo"]) == 0
