@@ -25,6 +25,13 @@ from keras_vit.models import (  # the application constructors, one per VARIANTS
     ViT_S32,
     ViT_Ti16,
 )
+from keras_vit.models import (  # the hybrid (ResNet + ViT) constructors, one per hybrid.HYBRID_VARIANTS row
+    R26_ViT_S32,
+    R50_ViT_B16,
+    R50_ViT_L32,
+    R_ViT_Ti16,
+)
+from keras_vit import hybrid
 from keras_vit.checkpoints import list_weights, load_npz
 from keras_vit.weights import load_weights
 from keras_vit import training
