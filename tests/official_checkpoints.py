@@ -188,23 +188,3 @@ def resized_posemb_zoom(posemb, new_grid):
     zoomed = scipy.ndimage.zoom(grid, (new_grid[0] / side, new_grid[1] / side, 1), order=1)
     return np.concatenate([posemb[:, :1], zoomed.reshape(1, -1, posemb.shape[-1])], axis=1)
 
-
-def import_timm():
-    """(torch, timm) for the parity tests; skips the test when they are not installed.
-
-    torch imports triton when present, and triton's compiler library crashes
-    the process (segfault) when it loads after TensorFlow's, which conftest
-    imports first (both bundle LLVM). torch needs triton only to compile for
-    GPUs and treats it as optional, so it is hidden before torch is imported.
-    """
-    import sys
-
-    import pytest
-
-    if "torch" not in sys.modules:
-        sys.modules.setdefault("triton", None)
-    torch = pytest.importorskip("torch")
-    timm = pytest.importorskip("timm")
-    import timm.models.vision_transformer  # noqa: F401 (the loader the tests call)
-
-    return torch, timm
