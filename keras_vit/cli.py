@@ -59,8 +59,10 @@ def _add_convert(subparsers):
                         help="input size: SIDE or HEIGHT WIDTH (default the checkpoint's resolution)")
     parser.add_argument("--no-top", action="store_true", help="drop the head (include_top=False)")
     pre_logits = parser.add_mutually_exclusive_group()
-    pre_logits.add_argument("--keep-pre-logits", dest="keep_pre_logits", action="store_const", const=True)
-    pre_logits.add_argument("--drop-pre-logits", dest="keep_pre_logits", action="store_const", const=False)
+    pre_logits.add_argument("--keep-pre-logits", dest="keep_pre_logits", action="store_const", const=True,
+                            help="keep the checkpoint's pre_logits layer (default: kept unless the head is new)")
+    pre_logits.add_argument("--drop-pre-logits", dest="keep_pre_logits", action="store_const", const=False,
+                            help="drop the checkpoint's pre_logits layer")
     parser.add_argument("--sha256", default=None, help="SHA-256 the checkpoint file must have")
 
 
