@@ -303,11 +303,12 @@ def _add_demo(subparsers):
 
 
 def _run_demo(args):
+    from keras_vit import demo
+
     try:
-        from keras_vit import demo
-    except ImportError as error:
-        raise UsageError(f"the demo needs {error.name}: pip install {error.name}.") from None
-    result = demo.run(args.output_dir, epochs=args.epochs or demo.EPOCHS)
+        result = demo.run(args.output_dir, epochs=args.epochs or demo.EPOCHS)
+    except ImportError as error:  # scikit-learn missing: a setup problem, not a bug
+        raise UsageError(str(error)) from None
     if result["accuracy"] < demo.ACCURACY_BAR:
         print(f"keras-vit demo: error: held-out accuracy {result['accuracy']:.2%} is below "
               f"the demo's {demo.ACCURACY_BAR:.0%} bar.", file=sys.stderr)

@@ -1,0 +1,84 @@
+"""`keras-vit demo`, piece by piece (seconds), and end to end at one epoch.
+
+The full demo (25 epochs, the 95% bar, under 5 minutes on two cores) takes
+about two minutes: it runs with KERAS_VIT_FULL_DEMO=1 (marked slow).
+"""
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_vit import data, demo
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the demo exports for TF Serving")
+
+
+def test_digits_are_upsampled_rgb_pixels_with_a_fixed_held_out_split():
+    (train_x, train_y), (test_x, test_y) = demo.load_digits()
+    assert train_x.shape == (1437, 32, 32, 3) and test_x.shape == (360, 32, 32, 3)
+    assert train_x.dtype == np.float32 and 0 <= train_x.min() and train_x.max() == 255
+    np.testing.assert_array_equal(train_x[..., 0], train_x[..., 2])  # grey digits as RGB
+    assert set(test_y) == set(range(10))  # stratified: every digit held out
+    (_, _), (again_x, again_y) = demo.load_digits()
+    np.testing.assert_array_equal(again_x, test_x)
+    np.testing.assert_array_equal(again_y, test_y)
+    assert not any(np.array_equal(test_x[0], image) for image in train_x)
+
+
+def test_training_learns():
+    (train_x, train_y), _ = demo.load_digits()
+    model = demo.build_model()
+    assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 10)
+    losses = demo.train(model, train_x[:128], train_y[:128], epochs=3, progress=False).history["loss"]
+    assert losses[-1] < losses[0]
+
+
+def test_run_writes_everything_and_reports_real_numbers(tmp_path, capsys):
+    result = demo.run(str(tmp_path / "out"), epochs=1, examples=4)
+    err = capsys.readouterr().err
+    assert "training" in err and "23/23" in err  # the progress bar: 1437 digits / 64 per step
+    paths = result["paths"]
+    assert paths["model"] == str(tmp_path / "out" / "digits_vit.keras")
+    model = keras.saving.load_model(paths["model"], safe_mode=True)
+    _, (test_x, test_y) = demo.load_digits()
+    predictions = model.predict(test_x, verbose=0).argmax(axis=-1)
+    assert result["accuracy"] == pytest.approx(np.mean(predictions == test_y))  # what was printed is measured
+    assert os.path.isfile(os.path.join(paths["export"], "saved_model.pb"))
+    assert os.path.basename(paths["export"]) == "1"
+    # classified through the reloaded export: the saved model's answers
+    assert result["served"] == [demo.CLASS_NAMES[i] for i in predictions[:4]]
+    assert result["truth"] == [demo.CLASS_NAMES[i] for i in test_y[:4]]
+    with Image.open(paths["attention"]) as picture:
+        assert picture.format == "PNG" and picture.height >= 4 * 32
+
+
+def test_encode_png_is_lossless():
+    _, (test_x, _) = demo.load_digits()
+    decoded = np.asarray(Image.open(io.BytesIO(demo.encode_png(test_x[0]))))
+    np.testing.assert_array_equal(decoded, test_x[0].astype(np.uint8))
+    np.testing.assert_array_equal(test_x[0], data.digits(32)[1][0][0])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("KERAS_VIT_FULL_DEMO") != "1", reason="about 2 minutes: set KERAS_VIT_FULL_DEMO=1")
+def test_full_demo_meets_its_bar(tmp_path):
+    start = time.perf_counter()
+    completed = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "keras-vit"), "demo", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    seconds = time.perf_counter() - start
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    accuracy = float(re.search(r"held-out accuracy: ([\d.]+)%", completed.stdout).group(1)) / 100
+    assert accuracy >= demo.ACCURACY_BAR
+    assert seconds < 300
+    for name in demo.OUTPUT_FILES.values():
+        assert os.path.exists(tmp_path / name)
