@@ -15,6 +15,11 @@ class UsageError(Exception):
     """A mistake in how the command was called: printed as one line."""
 
 
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 # ---------------------------------------------------------------------------
 # list
 # ---------------------------------------------------------------------------
@@ -153,8 +158,7 @@ def _read_image(path):
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"{path}: not a readable image ({reason}).") from None
+        raise UsageError(f"{path}: not a readable image ({_first_line(error)}).") from None
 
 
 def _resize_images(images, size):
@@ -353,8 +357,7 @@ def main(argv=None):
     try:
         status = SUBCOMMANDS[args.command][1](args)
     except (UsageError, ValueError, OSError) as error:  # OSError: missing files, downloads
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"keras-vit {args.command}: error: {message}", file=sys.stderr)
+        print(f"keras-vit {args.command}: error: {_first_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("keras-vit: interrupted", file=sys.stderr)

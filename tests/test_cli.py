@@ -62,8 +62,16 @@ def files(tmp_path_factory):
     not_an_image.write_text("this is text, not a JPEG\n")
     truncated = folder / "truncated.png"
     truncated.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
-    return {"folder": str(folder), "not_an_image": str(not_an_image), "truncated": str(truncated)}
+    model = harness.tiny_vit()
+    harness.randomize_head(model)
+    model.save(folder / "tiny.keras")
+    (folder / "names.txt").write_text("\n".join(TINY_NAMES) + "\n")
+    return {"folder": str(folder), "not_an_image": str(not_an_image), "truncated": str(truncated),
+            "model": model, "tiny": str(folder / "tiny.keras"), "names": str(folder / "names.txt")}
 
+
+TINY_NAMES = ["apple", "bear", "cloud", "dune", "eel"]
+EXPORT = ["export", "tiny.keras", "exports/tiny", "--labels", "names.txt", "--top", "2"]
 
 # Each: (command line, words the one-line error must contain).
 MISUSES = [
@@ -95,7 +103,7 @@ def batch(files, tmp_path_factory):
     values = dict(files, missing=os.path.join(files["folder"], "missing.jpg"), image=EXAMPLE_IMAGES[0])
     command_lines = [[part.format(**values) for part in argv] for argv, _ in MISUSES]
     command_lines += [[name, "--help"] for name in SUBCOMMANDS] + [["--help"]]
-    command_lines += [["list"], ["predict", *EXAMPLE_IMAGES, "--model", "ViT_Ti16", "--top", "3"]]
+    command_lines += [["list"], ["predict", *EXAMPLE_IMAGES, "--model", "ViT_Ti16", "--top", "3"], EXPORT]
     work = tmp_path_factory.mktemp("batch")
     (work / "argv.json").write_text(json.dumps(command_lines))
     (work / "driver.py").write_text(BATCH_DRIVER)
@@ -163,18 +171,29 @@ def test_console_script_and_module_entry_points(tmp_path):
         assert "Traceback" not in completed.stderr
 
 
-def test_predict_matches_the_model_and_explains(tmp_path):
+def test_export_writes_a_servable_model(batch, files):
+    import tensorflow as tf
+
+    result = batch[0][tuple(EXPORT)]
+    assert result["code"] == 0, result["stderr"]
+    version_dir = os.path.join(files["folder"], "exports", "tiny", "1")
+    assert f"-> exports/tiny{os.sep}1" in result["stdout"]
+    assert "serving_default" in result["stdout"] and ":predict" in result["stdout"]
+    served = tf.saved_model.load(version_dir).signatures["serve_float"](images=tf.constant(harness.images(2)))
+    expected = files["model"].predict(harness.images(2), verbose=0)
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
+    top = [[TINY_NAMES[i].encode() for i in row] for row in np.argsort(-expected, axis=-1)[:, :2]]
+    assert served["top_k_labels"].numpy().tolist() == top
+
+
+def test_predict_matches_the_model_and_explains(files, tmp_path):
     """A saved .keras model through the console script: the printed labels and
     scores are the model's on the resized images, and --explain draws them."""
     import tensorflow as tf
 
-    model = harness.tiny_vit()
-    harness.randomize_head(model)
-    model.save(tmp_path / "tiny.keras")
-    names = ["apple", "bear", "cloud", "dune", "eel"]
-    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    model, names = files["model"], TINY_NAMES
     completed = subprocess.run(
-        [CONSOLE_SCRIPT, "predict", *EXAMPLE_IMAGES, "--model", "tiny.keras", "--labels", "names.txt",
+        [CONSOLE_SCRIPT, "predict", *EXAMPLE_IMAGES, "--model", files["tiny"], "--labels", files["names"],
          "--top", "2", "--explain", "why.png"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
