@@ -22,20 +22,16 @@ def tiny_vit(input_shape=(32, 32, 3), **kwargs):
     return keras_vit.ViT(**config)
 
 
-# Two one-unit ResNet stages of 32 root features: total stride 8, like patch 8.
-TINY_RESNET = dict(block_sizes=(1, 1), width_factor=0.5)
+# The root block and one bottleneck unit (32 root features): stride 4; with
+# 2x2 patches 8 pixels per token, as the tiny ViT's patch 8.
+TINY_RESNET = dict(block_sizes=(1,), width_factor=0.5)
 
 
 def tiny_hybrid(input_shape=(32, 32, 3), **kwargs):
-    """A tiny R+ViT: 1x1 patches of a small ResNet's feature map."""
-    stem = keras_vit.hybrid.stem_builder(**TINY_RESNET)
-    model = tiny_vit(input_shape, **dict(dict(patch_size=1, stem=stem), **kwargs))
-    # Each unit's last GroupNorm scale starts at zero (official), which, like the
-    # zero head, keeps gradients from the unit's convolutions on the first step.
-    for weight in model.get_layer("resnet_stem").weights:
-        if weight.path.endswith("gn3/gamma"):
-            weight.assign(np.random.default_rng(2).uniform(0.5, 1.5, weight.shape).astype("float32"))
-    return model
+    """A tiny R+ViT: 2x2 patches of a small ResNet's feature map."""
+    config = dict(patch_size=2, stem=keras_vit.hybrid.stem_builder(**TINY_RESNET))
+    config.update(kwargs)
+    return tiny_vit(input_shape, **config)
 
 
 # name -> builder(input_shape=..., **kwargs) of a small model of that family.
@@ -52,10 +48,14 @@ def images(batch=2, shape=(32, 32, 3), seed=0):
 
 def randomize_head(model):
     """The official head is zero-initialised, which blocks gradients to the body
-    on the first step; checks that need them give it random values."""
+    on the first step; checks that need them give it random values. So is the
+    last GroupNorm scale of a hybrid's ResNet units (blocking the units' convs)."""
     head = model.get_layer("predictions")
     rng = np.random.default_rng(1)
     head.kernel.assign(rng.normal(0, 0.5, head.kernel.shape).astype("float32"))
+    for weight in model.weights:
+        if weight.path.endswith("gn3/gamma"):
+            weight.assign(rng.uniform(0.5, 1.5, weight.shape).astype("float32"))
 
 
 # --- the checks -------------------------------------------------------------

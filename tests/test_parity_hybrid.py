@@ -44,7 +44,8 @@ timm = pytest.importorskip("timm")
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
 # timm's model of each architecture (it takes the depth and size as arguments)
-TIMM_NAMES = {"R50+B/16": "vit_base_r50_s16_384", "R26+S/32": "vit_small_r26_s32_224", "R+Ti/16": "vit_tiny_r_s16_p8_224"}
+TIMM_NAMES = {"R50+B/16": "vit_base_r50_s16_384", "R26+S/32": "vit_small_r26_s32_224",
+              "R+Ti/16": "vit_tiny_r_s16_p8_224", "R50+L/32": "vit_large_r50_s32_224"}
 # pixels per token (ResNet stride x patch), from the official code: root conv /2, max pool /2,
 # /2 per stage after the first; R+Ti/16 takes 8x8 patches of the root's /4 output
 PIXELS_PER_TOKEN = {"R50+B/16": 16, "R26+S/32": 32, "R+Ti/16": 32}
@@ -105,6 +106,16 @@ def keras_hybrid_outputs(config, path, x, **kwargs):
     transformer = {k: v for k, v in config.items() if k not in STEM_KEYS}
     stem = keras_vit.hybrid.stem_builder(config["block_sizes"], config["width_factor"])
     return keras_outputs(dict(transformer, stem=stem), path, x, **kwargs)
+
+
+@pytest.mark.parametrize("variant", list(TIMM_NAMES))
+@pytest.mark.parametrize("image_size, classes", [(224, 1000), (384, 21843)])
+def test_parameter_counts(variant, image_size, classes):
+    """parameter_count (the README table; every constructor builds exactly it,
+    tests/test_models.py) against timm's model of the same official config."""
+    reference = timm.create_model(TIMM_NAMES[variant], img_size=image_size, num_classes=classes, device="meta")
+    expected = sum(p.numel() for p in reference.parameters())
+    assert keras_vit.models.parameter_count(**hybrid_config(variant), image_size=image_size, classes=classes) == expected
 
 
 @pytest.mark.parametrize("variant, old_group_norm_shape", [("R50+B/16", True), ("R26+S/32", False)])
