@@ -197,25 +197,10 @@ def _load_model(name, weights):
     return constructor(weights=weights), label_set, weights or "random weights"
 
 
-def _class_names(labels, label_set, classes):
-    from keras_vit import labels as vit_labels
-
-    if labels is not None and labels not in vit_labels.LABEL_SETS:
-        if not os.path.isfile(labels):
-            raise UsageError(
-                f"--labels {labels}: no such file (or use one of: {', '.join(vit_labels.LABEL_SETS)})."
-            )
-        with open(labels, encoding="utf-8") as file:
-            names = [line.rstrip("\n") for line in file if line.strip()]
-        if len(names) != classes:
-            raise UsageError(f"--labels {labels} has {len(names)} names, the model has {classes} classes.")
-        return names
-    return vit_labels.class_names(classes, labels or label_set)
-
-
 def _run_predict(args):
     import numpy as np
 
+    from keras_vit import labels as vit_labels
     from keras_vit import serving
 
     if args.explain is not None and not args.explain.lower().endswith(".png"):
@@ -223,7 +208,7 @@ def _run_predict(args):
     images = [_read_image(path) for path in args.images]  # every file checked before the model loads
     model, label_set, source = _load_model(args.model, args.weights)
     classes = model.output_shape[-1]
-    names = _class_names(args.labels, label_set, classes)
+    names = vit_labels.class_names(classes, args.labels or label_set)
     batch = _resize_images(images, model.input_shape[1:3])
     scores = np.asarray(model.predict(batch, batch_size=8, verbose=0), dtype="float64")
     if serving.outputs_are_logits(model):
@@ -272,10 +257,11 @@ def _add_export(subparsers):
 
 
 def _run_export(args):
+    from keras_vit import labels as vit_labels
     from keras_vit import serving
 
     model, label_set, source = _load_model(args.model, args.weights)
-    names = _class_names(args.labels, label_set, model.output_shape[-1])
+    names = vit_labels.class_names(model.output_shape[-1], args.labels or label_set)
     version_dir = serving.export_for_serving(
         model, args.export_dir, class_names=names, version=args.version, top_k=args.top, overwrite=args.overwrite
     )

@@ -41,10 +41,17 @@ def _read_label_set(name):
 
 
 def load_labels(name):
-    """The class names of a shipped label set ("imagenet1k" or "imagenet21k")."""
-    if name not in LABEL_SETS:
-        raise ValueError(f"Unknown label set {name!r}; choose one of: {', '.join(LABEL_SETS)}.")
-    return list(_read_label_set(name))
+    """The class names of a shipped label set ("imagenet1k", "imagenet21k"),
+    or of a text file with one name per line."""
+    if name in LABEL_SETS:
+        return list(_read_label_set(name))
+    if not os.path.isfile(name):
+        raise ValueError(
+            f"Unknown labels {name!r}: not a file with one class name per line, nor one of: "
+            f"{', '.join(LABEL_SETS)}."
+        )
+    with open(name, encoding="utf-8") as file:
+        return [line.rstrip("\r\n") for line in file if line.strip()]
 
 
 def label_set_for(classes):
@@ -55,18 +62,16 @@ def label_set_for(classes):
     return None
 
 
-def class_names(classes, label_set=None):
-    """`classes` names: those of `label_set`, else the shipped set of that size,
-    else "class_0", "class_1", ..."""
-    label_set = label_set or label_set_for(classes)
-    if label_set is None:
+def class_names(classes, labels=None):
+    """`classes` names: those of `labels` (what `load_labels` takes), else the
+    shipped set of that size, else "class_0", "class_1", ..."""
+    labels = labels or label_set_for(classes)
+    if labels is None:
         return [f"class_{index}" for index in range(classes)]
-    labels = load_labels(label_set)
-    if len(labels) != classes:
-        raise ValueError(
-            f"Label set {label_set!r} has {len(labels)} classes, the model has {classes}."
-        )
-    return labels
+    names = load_labels(labels)
+    if len(names) != classes:
+        raise ValueError(f"Labels {labels!r} have {len(names)} classes, the model has {classes}.")
+    return names
 
 
 def short_name(label):

@@ -54,9 +54,10 @@ def export_for_serving(
     Args:
         model: a Keras image classifier, (batch, H, W, 3) -> (batch, classes).
         export_dir: the model's folder in a TF Serving model base path.
-        class_names: the label of each class (a fine-tuned model's own), or a
-            shipped label set name ("imagenet1k", "imagenet21k"). Default:
-            the shipped set with the model's class count, else "class_N".
+        class_names: the label of each class (a fine-tuned model's own), a
+            shipped label set name ("imagenet1k", "imagenet21k") or a text
+            file with one name per line. Default: the shipped set with the
+            model's class count, else "class_N".
         version: integer version folder; default one more than the highest
             already there (1 for a new folder).
         top_k: how many best classes the top_k_* outputs hold.
@@ -78,7 +79,7 @@ def export_for_serving(
     height, width, classes = _classifier_shape(model)
     names = _class_names(class_names, classes)
     top_k = int(top_k)
-    if not 1 <= top_k:
+    if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}.")
     top_k = min(top_k, classes)
     if model_takes_pixels is None:
@@ -118,7 +119,10 @@ def export_for_serving(
             (lambda shape: shape[0] > 0, f"{name}: empty batch; send at least one image"),
         ]
         if channels is not None:
-            checks.append((lambda shape: tf.equal(shape[-1], channels), f"{name}: images must have 3 (RGB) channels, got shape"))
+            checks.append((
+                lambda shape: tf.equal(shape[-1], channels),
+                f"{name}: images must have {channels} (RGB) channels, got shape",
+            ))
         if size is not None:
             checks.append((
                 lambda shape: tf.reduce_all(tf.equal(shape[1:3], size)),
@@ -162,11 +166,7 @@ def export_for_serving(
 
     module = tf.Module()
     signatures = {}
-    for name, function in (
-        ("serving_default", serving_default),
-        ("serve_pixels", serve_pixels),
-        ("serve_float", serve_float),
-    ):
+    for name, function in zip(SIGNATURES, (serving_default, serve_pixels, serve_float)):
         setattr(module, name, function)
         signatures[name] = function.get_concrete_function()
     # Track the tf.Variables the traced graphs read (as keras' ExportArchive

@@ -85,6 +85,8 @@ MISUSES = [
     (["predict", "{image}", "--model", "ViT_B16", "--weights", "no_such_tag"], "Unknown weights 'no_such_tag'"),
     (["predict", "{image}", "--model", "ViT_B16", "--weights", "missing.weights.h5"], "not found"),
     (["predict", "{image}", "--model", "missing.keras"], "no such model file"),
+    (["predict", "{image}", "--model", "{tiny}", "--labels", "nofile.txt"], "Unknown labels 'nofile.txt'"),
+    (["predict", "{image}", "--model", "{tiny}", "--labels", "imagenet1k"], "have 1000 classes, the model has 5"),
     (["predict", "{image}", "--top", "0"], "--top"),
     (["predict", "{image}", "--explain", "out.jpg"], ".png"),
     (["predict", "{image}", "--frobnicate"], "unrecognized arguments: --frobnicate"),

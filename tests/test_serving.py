@@ -234,8 +234,10 @@ def test_default_class_names():
     assert serving._class_names(None, 21843) == labels.load_labels("imagenet21k")
     assert serving._class_names(None, 3) == ["class_0", "class_1", "class_2"]
     assert serving._class_names("imagenet1k", 1000)[0] == "tench, Tinca tinca"
-    with pytest.raises(ValueError, match="has 1000 classes"):
+    with pytest.raises(ValueError, match="have 1000 classes, the model has 10"):
         serving._class_names("imagenet1k", 10)
+    with pytest.raises(ValueError, match="Unknown labels 'imagenet2k'"):
+        serving._class_names("imagenet2k", 10)
 
 
 def test_label_files_are_the_official_order():
