@@ -10,6 +10,9 @@ from PIL import Image
 import harness
 from keras_vit import visualize
 
+# numpy on top of keras_vit.attention_model: the same numbers on every backend
+pytestmark = pytest.mark.multibackend
+
 
 def _row_stochastic(rng, shape):
     weights = rng.uniform(0, 1, shape)
