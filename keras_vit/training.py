@@ -221,7 +221,8 @@ def finetune_recipe(
     norm `clip_norm`, `warmup_steps` of linear warm-up then cosine decay to 0,
     softmax cross-entropy on one-hot (or MixUp) labels. A dataset of
     `FINETUNE_PRESETS` sets the steps and warm-up; other datasets need
-    `total_steps` (warm-up then defaults to 500, at most a tenth of the run).
+    `total_steps` (warm-up then defaults to 500, at most a tenth of the run,
+    as for a preset's dataset run for another number of steps).
     The learning rate defaults to 0.03 (Table 4 sweeps 0.001-0.06).
     Fine-tune at resolution 384 (`FINETUNE_RESOLUTION`); the model's new head
     is zero-initialised by the constructors.
@@ -236,7 +237,8 @@ def finetune_recipe(
         total_steps = preset.total_steps
     if warmup_steps is None:
         warmup_steps = preset.warmup_steps if preset else FINETUNE_WARMUP_STEPS
-        warmup_steps = min(warmup_steps, total_steps // 10)
+        if not preset or total_steps != preset.total_steps:  # a shorter run: warm up for a tenth at most
+            warmup_steps = min(warmup_steps, total_steps // 10)
     schedule = WarmupDecay(learning_rate or FINETUNE_LEARNING_RATE, total_steps, warmup_steps, "cosine")
     optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, global_clipnorm=clip_norm)
     return Recipe(
@@ -434,9 +436,9 @@ class Trainer(keras.Model):
         return self._logs()
 
     def _logs(self):
-        logs = self.get_metrics_result()
         import tensorflow as tf
 
+        logs = self.get_metrics_result()
         if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
             # Keras 3.15 averages each log over the workers with
             # strategy.reduce("MEAN", v, axis=0), which needs an axis 0
@@ -447,15 +449,16 @@ class Trainer(keras.Model):
     def _micro_step(self, x, y, sample_weight, variables):
         import tensorflow as tf
 
-        from keras.src.losses import loss as loss_module  # the replica (un)scaling Keras's own train_step uses
-
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
-            loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            self._loss_tracker.update_state(
-                loss_module.unscale_loss_for_distribution(loss), sample_weight=tf.shape(tf.nest.flatten(x)[0])[0]
-            )
-            scaled = self.optimizer.scale_loss(loss)
+            # Already divided by the replica count, so that the optimizer's sum
+            # over replicas is the mean gradient.
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            scaled = self.optimizer.scale_loss(loss)  # mixed_float16's loss scale
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        for metric in self.metrics:
+            if metric.name == "loss":  # the loss Keras reports: this replica's mean
+                metric.update_state(loss * replicas, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
         self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         return tape.gradient(scaled, variables)
 
@@ -463,21 +466,26 @@ class Trainer(keras.Model):
         """Clips the replicas' summed gradient; returns each replica's share.
 
         The optimizer sums the replicas' gradients after clipping them; here the
-        sum is taken first, clipped, and split again (1/R each), so the
-        optimizer's own clipping then finds nothing left to clip.
+        sum is taken first, clipped as the optimizer is configured to, and
+        split again (1/R each), so the optimizer's own clipping then finds
+        nothing left to clip.
         """
         import tensorflow as tf
 
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync if context is not None else 1
-        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)  # LossScaleOptimizer
-        clips = inner.clipnorm or inner.global_clipnorm or inner.clipvalue
-        if replicas == 1 or not clips:
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)  # under a LossScaleOptimizer
+        if replicas == 1 or not (inner.global_clipnorm or inner.clipnorm or inner.clipvalue):
             return grads
-        total = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        loss_scale = getattr(self.optimizer, "scale_loss", lambda v: v)(1.0)
-        clipped = inner._clip_gradients([g / loss_scale for g in total])
-        return [g * loss_scale / replicas for g in clipped]
+        loss_scale = self.optimizer.scale_loss(1.0)  # gradients are scaled by it until the optimizer unscales
+        total = [g / loss_scale for g in context.all_reduce(tf.distribute.ReduceOp.SUM, grads)]
+        if inner.global_clipnorm:
+            total, _ = tf.clip_by_global_norm(total, inner.global_clipnorm)
+        if inner.clipnorm:
+            total = [tf.clip_by_norm(g, inner.clipnorm) for g in total]
+        if inner.clipvalue:
+            total = [tf.clip_by_value(g, -inner.clipvalue, inner.clipvalue) for g in total]
+        return [g * loss_scale / replicas for g in total]
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""keras_vit.data: every TFDS pipeline on mock data, the digits and image-folder
+sources, the model's input range, determinism."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from harness import tiny_vit
+from PIL import Image
+
+from keras_vit import data
+
+SIZE, BATCH = 24, 4
+
+
+def batches(ds, count=2):
+    return [(x.numpy(), y.numpy()) for x, y in ds.take(count)]
+
+
+def check_batch(images, labels, num_classes, value_range=(0.0, 255.0), batch=BATCH):
+    assert images.shape == (batch, SIZE, SIZE, 3) and images.dtype == np.float32
+    assert images.min() >= value_range[0] - 1e-4 and images.max() <= value_range[1] + 1e-4
+    assert labels.shape == (batch, num_classes)
+    np.testing.assert_allclose(labels.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(data.TFDS_SPLITS))
+def test_tfds_pipelines_on_mock_data(name):
+    expected_classes = {"cifar10": 10, "cifar100": 100, "oxford_iiit_pet": 37, "oxford_flowers102": 102}
+    with tfds.testing.mock_data(num_examples=12):
+        eval_source = data.source(name, "eval")
+        assert eval_source.num_classes == expected_classes.get(name, 1000)
+        for images, labels in batches(data.eval_dataset(eval_source, SIZE, BATCH)):
+            check_batch(images, labels, eval_source.num_classes)
+        if data.TFDS_SPLITS[name].train is None:
+            with pytest.raises(ValueError, match="evaluation set"):
+                data.source(name, "train")
+            return
+        train_source = data.source(name, "train")
+        train = data.train_dataset(train_source, SIZE, BATCH, seed=3, value_range=(-1.0, 1.0))
+        for images, labels in batches(train, 4):  # more batches than examples: it repeats
+            check_batch(images, labels, train_source.num_classes, value_range=(-1.0, 1.0))
+
+
+def test_train_pipeline_is_deterministic_in_its_seed():
+    source = data.source("digits", "train")
+
+    def stream(seed, start_step=0, **augment):
+        return batches(data.train_dataset(source, SIZE, 8, seed=seed, start_step=start_step, **augment), 3)
+
+    def assert_same(one, two):
+        for (x1, y1), (x2, y2) in zip(one, two):
+            np.testing.assert_array_equal(x1, x2)
+            np.testing.assert_array_equal(y1, y2)
+
+    first = stream(1)
+    assert_same(first, stream(1))
+    assert not np.array_equal(first[0][0], stream(2)[0][0])
+    assert not np.array_equal(first[0][0], stream(1, start_step=40)[0][0])  # a resumed run: new batches
+    # Keras's RandAugment and MixUp draw from their seeded generators in order.
+    augmented = stream(1, randaugment=0.5, mixup=0.2)
+    assert_same(augmented, stream(1, randaugment=0.5, mixup=0.2))
+    labels = np.concatenate([y for _, y in augmented])
+    assert np.any((labels > 0.01) & (labels < 0.99))  # MixUp's soft labels, still summing to one
+    check_batch(augmented[0][0], labels[:8], 10, batch=8)
+
+
+def test_eval_pipeline_resizes_or_centre_crops_in_order():
+    images = np.zeros((2, 40, 80, 3), np.uint8)
+    images[:, :, 20:60] = 255  # a white square in the middle of a wide image
+    labels = np.array([3, 1], np.int32)
+    source = data.Source("toy", "eval", 5, 2, lambda shuffle, seed: tf.data.Dataset.from_tensor_slices((images, labels)))
+    resized, onehot = batches(data.eval_dataset(source, SIZE, 2), 1)[0]
+    np.testing.assert_array_equal(onehot.argmax(axis=1), labels)
+    assert resized[0, SIZE // 2, 0].max() == 0  # the whole width kept: black borders on the sides
+    cropped, _ = batches(data.eval_dataset(source, SIZE, 2, crop_fraction=0.875), 1)[0]
+    assert cropped[0, SIZE // 2, SIZE // 2].min() == 255 and cropped[0, SIZE // 2, 0].min() > 200  # the centre only
+
+
+def test_inception_crop_and_model_input_range():
+    image = tf.constant(np.arange(64 * 48 * 3, dtype=np.uint8).reshape(64, 48, 3))
+    crops = [data.inception_crop(image, SIZE, seed=(0, s)).numpy() for s in range(4)]
+    assert all(c.shape == (SIZE, SIZE, 3) for c in crops)
+    assert not all(np.array_equal(crops[0], c) for c in crops[1:])
+    assert data.input_range(tiny_vit()) == (0.0, 255.0)
+    assert data.input_range(tiny_vit(include_preprocessing=False)) == (-1.0, 1.0)
+    np.testing.assert_allclose(data.scale(tf.constant([0.0, 127.5, 255.0]), (-1.0, 1.0)).numpy(), [-1, 0, 1])
+
+
+def test_digits_split_is_fixed_stratified_and_upsampled():
+    (x_train, y_train), (x_test, y_test) = data.digits()
+    assert x_train.shape == (1437, 8, 8, 3) and x_test.shape == (360, 8, 8, 3) and x_train.dtype == np.uint8
+    assert x_train.max() == 255 and np.bincount(y_test).min() >= 35  # every digit is in the test part
+    (big, big_labels), _ = data.digits(image_size=32)
+    assert big.shape == (1437, 32, 32, 3)
+    np.testing.assert_array_equal(big_labels, y_train)
+    np.testing.assert_array_equal(data.digits()[1][0], x_test)
+
+
+def _write_folder(root, classes=3, per_class=12):
+    for label in range(classes):
+        (root / f"class_{label}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.full((20 + i, 30, 3), 60 * label, np.uint8)  # sizes vary, colour = class
+            Image.fromarray(pixels).save(root / f"class_{label}" / f"{i}.png")
+
+
+def test_image_folder_source(tmp_path):
+    _write_folder(tmp_path / "photos")
+    train, held_out = (data.source(str(tmp_path / "photos"), split) for split in ("train", "eval"))
+    assert train.num_classes == held_out.num_classes == 3
+    assert train.num_examples + held_out.num_examples == 36 and held_out.num_examples > 0
+    for images, labels in batches(data.eval_dataset(held_out, SIZE, 1), held_out.num_examples):
+        assert images[0].mean() == pytest.approx(60 * labels[0].argmax(), abs=1)  # the right class
+    images, labels = batches(data.train_dataset(train, SIZE, BATCH, seed=0), 1)[0]
+    check_batch(images, labels, 3)
+
+    # train/ and val/ sub-folders are the splits.
+    _write_folder(tmp_path / "split" / "train", per_class=4)
+    _write_folder(tmp_path / "split" / "val", per_class=2)
+    assert data.source(str(tmp_path / "split"), "train").num_examples == 12
+    assert data.source(str(tmp_path / "split"), "eval").num_examples == 6
+
+
+def test_unknown_or_empty_datasets_get_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="cifar10, cifar100, .*digits") as error:
+        data.source("mnist")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        data.source(str(tmp_path))
+    with pytest.raises(ValueError, match="split"):
+        data.source("digits", "validation")

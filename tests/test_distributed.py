@@ -1,0 +1,205 @@
+"""The example scripts under tf.distribute, each run in its own process:
+MirroredStrategy over 2 logical CPUs, MultiWorkerMirroredStrategy over 2
+worker processes, a run killed with SIGKILL and resumed, pre-training, and
+the one-line errors (no TPU, bad flags, unknown dataset).
+
+Each run is a tiny ViT on scikit-learn's digits at 16x16, so the whole file
+takes a few minutes on two cores.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+
+import keras_vit  # noqa: F401 - registers the layers that load_model reads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINETUNE = os.path.join(ROOT, "examples", "finetune.py")
+PRETRAIN = os.path.join(ROOT, "examples", "pretrain.py")
+TINY = [
+    "--model", "ViT",
+    "--model_args", "patch_size=8,hidden_size=32,depth=2,num_heads=4,mlp_dim=64",
+    "--dataset", "digits",
+    "--image_size", "16",
+    "--batch_size", "32",
+]  # fmt: skip
+TIMEOUT = 300  # seconds for one run; a hung run fails the test instead of blocking CI
+
+
+def command(script, *flags):
+    return [sys.executable, script, *TINY, *flags]
+
+
+def environment(**extra):
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    env.pop("TF_CONFIG", None)
+    env.update(extra)
+    return env
+
+
+def start(argv, env=None, output=subprocess.PIPE):
+    return subprocess.Popen(argv, env=env or environment(), stdout=output, stderr=output, text=True, cwd=ROOT)
+
+
+def finish(processes):
+    """Waits for named processes started side by side (two cores: it halves the
+    wall time); kills any left over, whatever happens. -> {name: (stdout, stderr, code)}."""
+    try:
+        done = {}
+        for name, process in processes.items():
+            stdout, stderr = process.communicate(timeout=TIMEOUT)
+            done[name] = (stdout, stderr, process.returncode)
+        return done
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def run_all(**jobs):
+    """Runs example commands side by side; each must succeed. -> {name: stdout}."""
+    done = finish({name: start(argv) for name, argv in jobs.items()})
+    for name, (_, stderr, code) in done.items():
+        assert code == 0, (name, stderr[-3000:])
+    return {name: stdout for name, (stdout, _, _) in done.items()}
+
+
+def results(directory):
+    with open(os.path.join(directory, "results.json")) as f:
+        return json.load(f)
+
+
+def weights(directory):
+    model = keras.saving.load_model(os.path.join(directory, "model.keras"), safe_mode=True)
+    return model.get_weights()
+
+
+def test_mirrored_over_two_cpus_trains_and_equals_one_device(tmp_path):
+    """2 replicas x 2 accumulated micro-batches of 8 make the same updates as
+    one device with the batch of 32, gradient clipping included (a small
+    clip norm so that it binds), and the loss falls."""
+    same = ["--steps", "20", "--save_every", "5", "--learning_rate", "0.5", "--clip_norm", "0.05"]
+    stdout = run_all(
+        one=command(FINETUNE, *same, "--strategy", "one_device", "--model_dir", str(tmp_path / "one")),
+        mirrored=command(
+            FINETUNE, *same, "--strategy", "mirrored", "--cpu_replicas", "2", "--accum_steps", "2",
+            "--model_dir", str(tmp_path / "mirrored"),
+        ),
+    )  # fmt: skip
+    assert "2 replica(s) (MirroredStrategy)" in stdout["mirrored"]
+    assert "Held-out accuracy on digits" in stdout["mirrored"]
+    got, reference = results(tmp_path / "mirrored"), results(tmp_path / "one")
+    assert got["replicas"] == 2 and got["steps"] == 20
+    losses = got["history"]["loss"]
+    assert losses[-1] < losses[0] - 0.1, losses
+    np.testing.assert_allclose(losses, reference["history"]["loss"], rtol=1e-4)
+    for a, b in zip(weights(tmp_path / "mirrored"), weights(tmp_path / "one")):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_mirrored_over_two_processes(tmp_path):
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    flags = ["--strategy", "multi_worker", "--steps", "6", "--save_every", "3", "--model_dir", str(tmp_path)]
+    processes = {}
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        processes[index] = start(command(FINETUNE, *flags), env=environment(TF_CONFIG=tf_config))
+    for index, (_, stderr, code) in finish(processes).items():
+        assert code == 0, (index, stderr[-3000:])
+    chief, other = str(tmp_path), str(tmp_path / "worker-1")  # each task writes in its own directory
+    for directory in (chief, other):
+        assert results(directory)["steps"] == 6 and results(directory)["replicas"] == 2
+    assert os.path.isdir(os.path.join(chief, "logs"))  # TensorBoard: the chief's
+    for a, b in zip(weights(chief), weights(other)):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.allclose(a, 0) for a in weights(chief)[-2:])  # the zero-initialised head learned
+
+
+def _saved_step(model_dir):
+    try:
+        with open(os.path.join(model_dir, "checkpoint", "state.json")) as f:
+            return json.load(f)["step"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    flags = ["--steps", "100", "--save_every", "10", "--learning_rate", "0.1"]
+    uninterrupted, killed = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
+    reference = start(command(FINETUNE, *flags, "--model_dir", uninterrupted))  # runs side by side
+    try:
+        process = start(command(FINETUNE, *flags, "--model_dir", killed), output=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + TIMEOUT
+            while _saved_step(killed) == 0 and process.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+            process.send_signal(signal.SIGKILL)  # a real kill: no clean-up runs in the process
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        assert process.returncode == -signal.SIGKILL
+        saved = _saved_step(killed)
+        assert 10 <= saved < 100 and saved % 10 == 0, "the run must die between two checkpoints"
+        assert not os.path.exists(os.path.join(killed, "results.json"))
+
+        stdout = run_all(resumed=command(FINETUNE, *flags, "--model_dir", killed))["resumed"]
+        assert f"Resuming from step {saved}" in stdout
+    finally:
+        _, stderr, code = finish({"reference": reference})["reference"]
+    assert code == 0, stderr[-3000:]
+    after = results(killed)
+    assert after["start_step"] == saved
+    assert after["steps"] == results(uninterrupted)["steps"] == 100
+    # Only the steps after the checkpoint were run again: one log line per remaining interval.
+    assert len(after["history"]["loss"]) == (100 - saved) // 10
+
+
+def test_pretrain_and_one_line_errors(tmp_path):
+    """Runs concurrently: a tiny pre-training run and the scripts' errors."""
+    env = environment()
+    jobs = {
+        "pretrain": command(
+            PRETRAIN, "--preset", "imagenet21k", "--learning_rate", "0.001", "--weight_decay", "0.03",
+            "--steps", "6", "--save_every", "3", "--model_dir", str(tmp_path / "pretrain"),
+        ),
+        "tpu": command(FINETUNE, "--strategy", "tpu", "--steps", "2", "--model_dir", str(tmp_path / "tpu")),
+        "strategy": command(FINETUNE, "--strategy", "horovod", "--model_dir", str(tmp_path / "x")),
+        "dataset": [sys.executable, FINETUNE, "--dataset", "mnist", "--steps", "2", "--model_dir", str(tmp_path / "y")],
+        "flag": command(FINETUNE, "--epochz", "3", "--model_dir", str(tmp_path / "z")),
+    }  # fmt: skip
+    done = finish({name: start(argv, env=env) for name, argv in jobs.items()})
+    stdout, stderr, code = done.pop("pretrain")
+    assert code == 0, stderr[-3000:]
+    assert "sigmoid_cross_entropy" in stdout and "Adam lr 0.001, weight decay 0.03" in stdout
+    assert results(tmp_path / "pretrain")["steps"] == 6
+
+    expected = {
+        "tpu": "--strategy tpu: no TPU found",
+        "strategy": "value should be one of <auto|one_device|mirrored|multi_worker|tpu>",
+        "dataset": "Unknown dataset 'mnist': use one of cifar10, cifar100, oxford_iiit_pet",
+        "flag": "Unknown command line flag 'epochz'",
+    }
+    for name, (_, stderr, code) in done.items():
+        lines = [line for line in stderr.splitlines() if "error:" in line]
+        assert code == 2, (name, stderr[-2000:])
+        assert len(lines) == 1 and expected[name] in lines[0], (name, stderr[-2000:])
+        assert "Traceback" not in stderr, name

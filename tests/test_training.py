@@ -1,0 +1,225 @@
+"""keras_vit.training: the paper's recipes, the schedule and losses numerically,
+gradient accumulation equal to a large batch, the fault-tolerant checkpoint."""
+
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+from harness import images, randomize_head, tiny_vit
+
+from keras_vit import training
+
+
+def official_schedule(update, base, total, warmup, decay, end=1e-5):
+    """google-research/vision_transformer's create_learning_rate_schedule, in numpy."""
+    progress = np.clip((update - warmup) / (total - warmup), 0.0, 1.0)
+    if decay == "cosine":
+        rate = base * 0.5 * (1.0 + np.cos(np.pi * progress))
+    else:
+        rate = end + (base - end) * (1.0 - progress)
+    return rate * np.minimum(1.0, update / warmup) if warmup else rate
+
+
+def rates(schedule, steps):
+    return np.array([float(keras.ops.convert_to_numpy(schedule(step))) for step in steps])
+
+
+# --- schedule ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_schedule_matches_the_official_formula(decay):
+    schedule = training.WarmupDecay(0.1, total_steps=100, warmup_steps=10, decay=decay)
+    steps = np.arange(100)
+    got = rates(schedule, steps)
+    # Keras passes the number of finished updates: step s is update s + 1.
+    np.testing.assert_allclose(got, official_schedule(steps + 1, 0.1, 100, 10, decay), rtol=1e-5, atol=1e-8)
+
+
+def test_schedule_shapes():
+    cosine = rates(training.WarmupDecay(0.1, 100, 10, "cosine"), np.arange(100))
+    warmup, decay = cosine[:10], cosine[9:]
+    np.testing.assert_allclose(np.diff(warmup), 0.01, rtol=1e-4)  # linear ramp from 0
+    assert cosine[9] == pytest.approx(0.1)  # the peak at the end of warm-up
+    assert np.all(np.diff(decay) < 0)
+    assert cosine[54] == pytest.approx(0.05, rel=1e-4)  # half-way through the cosine
+    assert cosine[-1] == pytest.approx(0.0, abs=1e-9)
+
+    linear = rates(training.WarmupDecay(0.1, 100, 10, "linear"), np.arange(100))
+    np.testing.assert_allclose(np.diff(linear[9:]), -(0.1 - 1e-5) / 90, rtol=1e-3)  # a straight line
+    assert linear[-1] == pytest.approx(1e-5)
+
+
+def test_schedule_rejects_bad_arguments_and_round_trips():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        training.WarmupDecay(0.1, total_steps=10, warmup_steps=10)
+    with pytest.raises(ValueError, match="decay"):
+        training.WarmupDecay(0.1, 10, decay="step")
+    schedule = training.WarmupDecay(0.1, 100, 10, "linear", end_learning_rate=1e-4)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
+    np.testing.assert_allclose(rates(restored, range(100)), rates(schedule, range(100)))
+
+
+# --- losses -----------------------------------------------------------------
+
+
+def test_sigmoid_cross_entropy_is_summed_over_classes():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4, 7)).astype("float32")
+    labels = (rng.uniform(size=(4, 7)) < 0.3).astype("float32")
+    expected = -np.sum(
+        labels * np.log(1 / (1 + np.exp(-logits))) + (1 - labels) * np.log(1 / (1 + np.exp(logits))), axis=-1
+    ).mean()
+    got = float(training.SigmoidCrossEntropy()(labels, logits))
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_finetune_loss_is_softmax_cross_entropy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2, (5, 6))
+    probabilities = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype("float32")
+    labels = np.eye(6, dtype="float32")[[0, 3, 5, 1, 1]]
+    expected = -np.mean(np.sum(labels * np.log(probabilities), axis=-1))
+    loss = training.finetune_recipe(total_steps=10).loss
+    assert float(loss(labels, probabilities)) == pytest.approx(expected, rel=1e-5)
+
+
+# --- recipes ----------------------------------------------------------------
+
+
+def test_finetune_recipe_is_the_papers():
+    recipe = training.finetune_recipe("cifar10")
+    optimizer = recipe.optimizer
+    assert isinstance(optimizer, keras.optimizers.SGD) and not isinstance(optimizer, keras.optimizers.AdamW)
+    assert optimizer.momentum == 0.9 and optimizer.global_clipnorm == 1.0 and optimizer.weight_decay is None
+    assert (recipe.batch_size, recipe.total_steps, recipe.warmup_steps) == (512, 10_000, 500)
+    assert recipe.learning_rate.decay == "cosine" and recipe.learning_rate.base_learning_rate == 0.03
+    assert optimizer.learning_rate is not None and recipe.learning_rate is optimizer._learning_rate
+    assert training.FINETUNE_RESOLUTION == 384
+    assert training.finetune_recipe("imagenet2012").total_steps == 20_000
+    pets = training.finetune_recipe("oxford_iiit_pet", learning_rate=0.003)
+    assert (pets.total_steps, pets.warmup_steps, pets.learning_rate.base_learning_rate) == (500, 100, 0.003)
+    # Any other data: the step count is the user's; warm-up at most a tenth of it.
+    assert training.finetune_recipe(total_steps=300).warmup_steps == 30
+    with pytest.raises(ValueError, match="total_steps"):
+        training.finetune_recipe("my_photos")
+    with pytest.raises(ValueError, match="multiple of accum_steps"):
+        training.finetune_recipe("cifar10", batch_size=512, accum_steps=3)
+
+
+def test_pretrain_recipe_follows_table_3():
+    b16 = training.pretrain_recipe("ViT_B16", "imagenet21k")
+    optimizer = b16.optimizer
+    assert isinstance(optimizer, keras.optimizers.AdamW)
+    assert (optimizer.beta_1, optimizer.beta_2, optimizer.weight_decay) == (0.9, 0.999, 0.03)
+    assert optimizer.global_clipnorm is None
+    assert isinstance(b16.loss, training.SigmoidCrossEntropy)
+    assert b16.model_kwargs == {"dropout_rate": 0.1, "classifier_activation": None}
+    assert (b16.batch_size, b16.warmup_steps) == (4096, 10_000)
+    assert b16.total_steps == math.ceil(90 * 14_000_000 / 4096)
+    schedule = b16.learning_rate
+    assert (schedule.base_learning_rate, schedule.decay) == (1e-3, "linear")
+
+    l16 = training.pretrain_recipe("L/16", "jft300m")
+    assert (l16.learning_rate.base_learning_rate, l16.optimizer.weight_decay, l16.model_kwargs["dropout_rate"]) == (
+        4e-4, 0.1, 0.0,
+    )
+    assert training.pretrain_recipe("H/14", "jft300m").learning_rate.base_learning_rate == 3e-4
+
+    # ImageNet-1k: any model, cosine decay, clipping at norm 1, softmax loss on logits.
+    ti = training.pretrain_recipe("ViT_Ti16", "imagenet", num_examples=1000, batch_size=100)
+    assert ti.total_steps == 300 * 10 and ti.warmup_steps == 300  # 300 epochs of 10 steps; warm-up <= 1/10
+    assert (ti.learning_rate.decay, ti.learning_rate.base_learning_rate) == ("cosine", 3e-3)
+    assert ti.optimizer.global_clipnorm == 1.0 and ti.optimizer.weight_decay == 0.3
+    assert isinstance(ti.loss, keras.losses.CategoricalCrossentropy) and ti.loss.from_logits
+
+    with pytest.raises(ValueError, match="no imagenet21k row for Ti/16"):
+        training.pretrain_recipe("ViT_Ti16", "imagenet21k")
+    custom = training.pretrain_recipe("ViT_Ti16", "imagenet21k", learning_rate=1e-3, weight_decay=0.1, total_steps=50)
+    assert custom.total_steps == 50 and custom.optimizer.weight_decay == 0.1
+    with pytest.raises(ValueError, match="pre-training dataset"):
+        training.pretrain_recipe("B/16", "laion")
+
+
+def test_pretrain_schedule_shape():
+    recipe = training.pretrain_recipe("B/16", "imagenet21k", total_steps=200, warmup_steps=20)
+    got = rates(recipe.learning_rate, np.arange(200))
+    np.testing.assert_allclose(got, official_schedule(np.arange(1, 201), 1e-3, 200, 20, "linear"), rtol=1e-5)
+    assert np.argmax(got) == 19 and got[-1] == pytest.approx(1e-5)
+
+
+# --- the Trainer: gradient accumulation ------------------------------------
+
+
+def _train_tiny(accum_steps, clip_norm=1.0, jit_compile=False, steps=2):
+    keras.utils.set_random_seed(0)
+    model = tiny_vit()
+    randomize_head(model)  # gradients reach the body from the first step
+    recipe = training.finetune_recipe(
+        total_steps=10, warmup_steps=2, learning_rate=0.1, batch_size=16, accum_steps=accum_steps, clip_norm=clip_norm
+    )
+    trainer = training.Trainer(model, accum_steps=accum_steps)
+    trainer.compile(optimizer=recipe.optimizer, loss=recipe.loss, metrics=["accuracy"], jit_compile=jit_compile)
+    x = images(16, seed=3)
+    y = np.eye(5, dtype="float32")[np.arange(16) % 5]
+    history = trainer.fit(x, y, batch_size=16, epochs=steps, shuffle=False, verbose=0)
+    return trainer, model.get_weights(), history.history["loss"]
+
+
+def test_accumulated_micro_batches_equal_one_large_batch():
+    """4 micro-batches of 4 give the update of one batch of 16 (momentum,
+    clipping and the schedule included), with and without XLA."""
+    big, big_weights, big_losses = _train_tiny(accum_steps=1)
+    for jit_compile in (False, True):
+        small, small_weights, small_losses = _train_tiny(accum_steps=4, jit_compile=jit_compile)
+        for a, b in zip(big_weights, small_weights):
+            np.testing.assert_allclose(a, b, atol=2e-6)
+        np.testing.assert_allclose(small_losses, big_losses, rtol=1e-5)
+        # 2 updates: the schedule and Adam's bias correction count updates, not micro-batches.
+        assert int(keras.ops.convert_to_numpy(small.optimizer.iterations)) == 2
+    # The check is not vacuous: training moved the weights, and clipping was active.
+    _, unclipped, _ = _train_tiny(accum_steps=1, clip_norm=None)
+    assert not all(np.allclose(a, b) for a, b in zip(big_weights, unclipped))
+    assert not all(np.allclose(a, b) for a, b in zip(big_weights, tiny_vit().get_weights()))
+
+
+def test_trainer_rejects_bad_accumulation():
+    with pytest.raises(ValueError, match="accum_steps"):
+        training.Trainer(tiny_vit(), accum_steps=0)
+
+
+# --- strategies and the checkpoint -----------------------------------------
+
+
+def test_make_strategy_errors(monkeypatch):
+    with pytest.raises(ValueError, match="auto, one_device, mirrored, multi_worker, tpu"):
+        training.make_strategy("horovod")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        training.make_strategy("multi_worker")
+    assert training.task_directory("/runs/a", None) == "/runs/a"
+
+
+def test_backup_restores_weights_optimizer_and_step(tmp_path):
+    trainer, weights, _ = _train_tiny(accum_steps=1, steps=3)
+    backup = training.Backup(str(tmp_path / "checkpoint"))
+    backup.set_model(trainer)
+    backup.save()
+    # A save that was killed half-way leaves a partial file: it must not matter.
+    (tmp_path / "checkpoint" / ("partial-" + training.Backup.WEIGHTS)).write_bytes(b"truncated")
+
+    keras.utils.set_random_seed(1)
+    fresh = training.Trainer(tiny_vit())
+    fresh.compile(optimizer=training.finetune_recipe(total_steps=10).optimizer, loss="categorical_crossentropy")
+    assert training.Backup(str(tmp_path / "checkpoint")).restore(fresh) == 3
+    for a, b in zip(fresh.model.get_weights(), weights):
+        np.testing.assert_array_equal(a, b)
+    momentum = [v for v in trainer.optimizer.variables if "momentum" in v.path]
+    restored = [v for v in fresh.optimizer.variables if "momentum" in v.path]
+    assert momentum and len(momentum) == len(restored)
+    for a, b in zip(momentum, restored):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    assert training.Backup(str(tmp_path / "empty")).restore(fresh) == 0
+    assert os.path.exists(tmp_path / "checkpoint" / training.Backup.INFO)
