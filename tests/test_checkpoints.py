@@ -375,9 +375,8 @@ def test_unknown_weights_and_missing_files(tmp_path):
 
 
 def test_hybrid_stem_weights_come_from_the_hook(tmp_path):
-    hybrid = pytest.importorskip("keras_vit.hybrid")
-    if not hasattr(hybrid, "stem_builder"):
-        pytest.skip("keras_vit.hybrid has no stem_builder yet")
+    from keras_vit import hybrid
+
     build = lambda weights: keras_vit.ViT(  # noqa: E731
         **dict(TINY, patch_size=1), stem=hybrid.stem_builder((1,), 0.5), input_shape=(32, 32, 3),
         classes=5, weights=weights)

@@ -39,9 +39,10 @@ from official_checkpoints import POSEMB_KEY, official_arrays, resized_posemb_zoo
 from test_parity_timm import assert_close, inputs, keras_outputs
 
 pytestmark = pytest.mark.parity
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
-timm_vit = pytest.importorskip("timm.models.vision_transformer")
+# Imported, not importorskip'd: a missing parity extra must fail, not pass silently.
+import timm  # noqa: E402
+import timm.models.vision_transformer as timm_vit  # noqa: E402
+import torch  # noqa: E402
 
 # timm's model of each architecture (it takes the depth and size as arguments)
 TIMM_NAMES = {"R50+B/16": "vit_base_r50_s16_384", "R26+S/32": "vit_small_r26_s32_224",

@@ -29,8 +29,10 @@ import keras_vit
 from official_checkpoints import POSEMB_KEY, official_arrays, resized_posemb_zoom, write_checkpoint
 
 pytestmark = pytest.mark.parity
-torch = pytest.importorskip("torch")  # conftest keeps triton out: it crashes once TensorFlow is loaded
-timm_vit = pytest.importorskip("timm.models.vision_transformer")
+# Imported, not importorskip'd: a missing parity extra must fail, not pass silently.
+# (conftest keeps triton out: it crashes once TensorFlow is loaded)
+import timm.models.vision_transformer as timm_vit  # noqa: E402
+import torch  # noqa: E402
 
 TOLERANCE = 1e-4
 TI16 = keras_vit.VARIANTS["Ti/16"]
