@@ -74,7 +74,7 @@ def _parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as error:
-        message = str(error).strip().splitlines()[0]
+        message = str(error).strip().splitlines()[0]  # absl: "flag --x=y: what is wrong"
         if "Unknown command line flag" in message:
             message += f" (flags: {', '.join('--' + n for n in OUR_FLAGS)})"
         fail(message)
@@ -95,7 +95,9 @@ def _main(argv, build_recipe):
     try:
         setup = _setup(build_recipe)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
-        fail(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        from keras_vit.training import first_line
+
+        fail(first_line(error))
     _train(*setup)
 
 

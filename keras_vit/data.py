@@ -31,6 +31,8 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from keras_vit.training import first_line
+
 AUTOTUNE = tf.data.AUTOTUNE
 SPLITS = ("train", "eval")
 MAX_SHUFFLE_BUFFER = 50_000  # as the official code; bounds host memory
@@ -127,7 +129,7 @@ def _tfds_source(name, split, data_dir, tfds_split, download):
             builder.download_and_prepare()
         except Exception as error:  # noqa: BLE001 - network, manual download: one line for the user
             raise ValueError(
-                f"TFDS could not prepare {name} in {builder.data_dir}: {_first_line(error)} "
+                f"TFDS could not prepare {name} in {builder.data_dir}: {first_line(error)} "
                 "Download it there first, or point data_dir to where it is."
             ) from error
 
@@ -140,7 +142,7 @@ def _tfds_source(name, split, data_dir, tfds_split, download):
                 read_config=tfds.ReadConfig(shuffle_seed=seed),
             )
         except AssertionError as error:  # TFDS's "could not find data"
-            raise ValueError(f"{name}: {_first_line(error)}") from error
+            raise ValueError(f"{name}: {first_line(error)}") from error
         return ds.map(lambda image, label: (image, tf.cast(label, tf.int32)))
 
     try:  # split sizes: unknown for mock data
@@ -148,11 +150,6 @@ def _tfds_source(name, split, data_dir, tfds_split, download):
     except (KeyError, ValueError, AssertionError):
         num_examples = None
     return Source(name, split, builder.info.features["label"].num_classes, num_examples, read)
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ---------------------------------------------------------------------------

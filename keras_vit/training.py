@@ -382,6 +382,12 @@ class Trainer(keras.Model):
         super().__init__(name=kwargs.pop("name", f"{model.name}_trainer"), **kwargs)
         self.model = model
         self.accum_steps = int(accum_steps)
+        # Train steps done, saved with the weights. Not optimizer.iterations:
+        # a LossScaleOptimizer does not count the steps it skips.
+        self.steps_done = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False, name="steps_done",
+            aggregation="only_first_replica",
+        )  # fmt: skip
         self.built = model.built
 
     def call(self, inputs, training=False):
@@ -429,6 +435,7 @@ class Trainer(keras.Model):
             grads = [g / k for g in ops.fori_loop(0, k, body, zeros)]
         grads = self._clip_over_replicas(grads)
         self.optimizer.apply_gradients(zip(grads, variables))
+        self.steps_done.assign_add(1)
         return self._logs()
 
     def test_step(self, data):
@@ -544,7 +551,7 @@ def make_strategy(name="auto", tpu=None):
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except Exception as error:  # noqa: BLE001 - any failure here means: no TPU reachable
         raise ValueError(
-            f"--strategy tpu: no TPU found ({_first_line(error)}). Run on a TPU VM with --tpu local, "
+            f"--strategy tpu: no TPU found ({first_line(error)}). Run on a TPU VM with --tpu local, "
             "or pass --tpu with the name of a Cloud TPU."
         ) from None
     return tf.distribute.TPUStrategy(resolver)
@@ -565,7 +572,8 @@ def _tf_config_tasks():
     return sum(len(tasks) for tasks in cluster.values())
 
 
-def _first_line(error):
+def first_line(error):
+    """An exception's message, first line only: user errors are one line."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -613,7 +621,7 @@ class Backup(keras.callbacks.Callback):
         self.path = os.path.join(directory, self.WEIGHTS)
 
     def restore(self, model):
-        """Loads the saved state into `model`; returns the step it was saved at (0: none)."""
+        """Loads the saved state into a `Trainer`; returns the step it was saved at (0: none)."""
         if not os.path.exists(self.path):
             return 0
         if not model.optimizer.built:
@@ -632,8 +640,8 @@ class Backup(keras.callbacks.Callback):
         _write_json(os.path.join(self.directory, self.INFO), {"step": _step(self.model)})
 
 
-def _step(model):
-    return int(ops.convert_to_numpy(model.optimizer.iterations))
+def _step(trainer):
+    return int(ops.convert_to_numpy(trainer.steps_done))
 
 
 def _write_json(path, content):
@@ -658,8 +666,7 @@ def train(
     where a previous run with the same `model_dir` stopped.
 
     Args:
-        trainer: a compiled model (usually a `Trainer`), built under the
-            strategy's scope.
+        trainer: a compiled `Trainer`, built under the strategy's scope.
         train_data: `train_data(start_step)` -> a repeated `tf.data.Dataset`
             of global batches; a resumed run gets the step it resumes from.
         total_steps: optimizer updates in the whole run.
@@ -690,19 +697,18 @@ def train(
 
     history = {}
     began = time.time()
-    # An epoch is one checkpoint interval; a last, shorter one ends the run.
-    full_epochs, last = divmod(total_steps, save_every)
-    phases = [(full_epochs, save_every, 0)] + ([(full_epochs + 1, last, full_epochs)] if last else [])
-    for epochs, steps_per_epoch, first_epoch in phases:
-        step = _step(trainer)
-        initial_epoch = max(first_epoch, step // save_every)
-        if step >= total_steps or initial_epoch >= epochs:
+    # A Keras epoch is one checkpoint interval; a shorter one ends the run.
+    full, last = divmod(max(total_steps - start_step, 0), save_every)
+    for count, length in ((full, save_every), (1 if last else 0, last)):
+        if not count:
             continue
+        step = _step(trainer)
+        first_epoch = step // save_every  # only numbers the log lines
         fitted = trainer.fit(
             train_data(step),
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch,
+            initial_epoch=first_epoch,
+            epochs=first_epoch + count,
+            steps_per_epoch=length,
             shuffle=False,  # the dataset shuffles
             callbacks=callbacks,
             verbose=verbose,

@@ -179,6 +179,7 @@ def test_accumulated_micro_batches_equal_one_large_batch():
         np.testing.assert_allclose(small_losses, big_losses, rtol=1e-5)
         # 2 updates: the schedule and Adam's bias correction count updates, not micro-batches.
         assert int(keras.ops.convert_to_numpy(small.optimizer.iterations)) == 2
+        assert int(keras.ops.convert_to_numpy(small.steps_done)) == 2
     # The check is not vacuous: training moved the weights, and clipping was active.
     _, unclipped, _ = _train_tiny(accum_steps=1, clip_norm=None)
     assert not all(np.allclose(a, b) for a, b in zip(big_weights, unclipped))
@@ -223,3 +224,47 @@ def test_backup_restores_weights_optimizer_and_step(tmp_path):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     assert training.Backup(str(tmp_path / "empty")).restore(fresh) == 0
     assert os.path.exists(tmp_path / "checkpoint" / training.Backup.INFO)
+
+
+def test_train_checkpoints_and_resumes_to_the_exact_step_count(tmp_path):
+    from keras_vit import data
+
+    source = data.source("digits", "train")
+
+    def train_data(step):
+        return data.train_dataset(source, 32, 16, seed=0, start_step=step)
+
+    def trainer():
+        keras.utils.set_random_seed(0)
+        model = tiny_vit(classes=10)
+        trainer = training.Trainer(model)
+        recipe = training.finetune_recipe(total_steps=9, learning_rate=0.1)
+        trainer.compile(optimizer=recipe.optimizer, loss=recipe.loss, metrics=["accuracy"])
+        return trainer
+
+    first = training.train(trainer(), train_data, 7, str(tmp_path), save_every=3, verbose=0)
+    assert (first["steps"], first["start_step"], len(first["history"]["loss"])) == (7, 0, 3)  # 3 + 3 + 1
+    assert os.path.isdir(tmp_path / "logs" / "train") and os.path.exists(tmp_path / "model.keras")
+    # Started again with another interval and a longer run: it goes on from step 7, to exactly 9.
+    second = training.train(trainer(), train_data, 9, str(tmp_path), save_every=4, verbose=0)
+    assert (second["steps"], second["start_step"], len(second["history"]["loss"])) == (9, 7, 1)
+    done = training.train(trainer(), train_data, 9, str(tmp_path), save_every=4, verbose=0)
+    assert (done["steps"], done["start_step"], done["history"]) == (9, 9, {})  # finished: nothing to redo
+
+
+def test_trainer_under_mixed_float16_scales_the_loss():
+    keras.config.set_dtype_policy("mixed_float16")
+    model = tiny_vit()
+    randomize_head(model)
+    before = [w.copy() for w in model.get_weights()]
+    trainer = training.Trainer(model, accum_steps=2)
+    recipe = training.finetune_recipe(total_steps=4, learning_rate=0.1, batch_size=8, accum_steps=2)
+    trainer.compile(optimizer=recipe.optimizer, loss=recipe.loss)
+    assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)  # Keras wraps it for float16
+    history = trainer.fit(images(8), np.eye(5, dtype="float32")[np.arange(8) % 5], batch_size=8, epochs=6, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    # The optimizer skips the updates whose scaled float16 gradients overflow
+    # (and lowers the scale, from 2**15); the train steps are all counted.
+    assert int(keras.ops.convert_to_numpy(trainer.steps_done)) == 6
+    assert 1 <= int(keras.ops.convert_to_numpy(trainer.optimizer.iterations)) < 6
+    assert not all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
