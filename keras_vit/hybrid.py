@@ -38,7 +38,7 @@ import math
 import keras
 from keras import layers, ops
 
-from keras_vit.layers import PACKAGE
+from keras_vit.layers import _register
 
 STEM_LAYER_NAME = "resnet_stem"  # the checkpoint loader looks for this layer
 STD_CONV_EPSILON = 1e-5  # official weight_standardize: (w - mean) / (std + eps)
@@ -50,17 +50,15 @@ ROOT_WIDTH = 64  # features of conv_root and of the first stage, x width_factor
 # official configs (vision_transformer configs/models.py). `transformer` is the
 # row of keras_vit.VARIANTS whose width, depth, heads and MLP the Transformer
 # has; `patch_size` is taken on the ResNet's feature map; `block_sizes` are the
-# units per ResNet stage (() = the root block alone, stride 4).
+# units per ResNet stage (() = the root block alone, stride 4: R+Ti/16's 8x8
+# patches make 32 pixels per token, as the official code and timm compute,
+# though its config's comment speaks of /16).
 HYBRID_VARIANTS = {
     "R+Ti/16": dict(transformer="Ti/16", patch_size=8, block_sizes=(), width_factor=1),
     "R26+S/32": dict(transformer="S/32", patch_size=1, block_sizes=(2, 2, 2, 2), width_factor=1),
     "R50+B/16": dict(transformer="B/16", patch_size=1, block_sizes=(3, 4, 9), width_factor=1),
     "R50+L/32": dict(transformer="L/32", patch_size=1, block_sizes=(3, 4, 6, 3), width_factor=1),
 }
-
-
-def _register(cls):
-    return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
 
 
 def standardize_kernel(kernel, epsilon=STD_CONV_EPSILON):

@@ -106,6 +106,21 @@ def test_std_conv_uses_the_official_standardisation():
 
 
 @multibackend
+def test_group_norms_are_flax_defaults():
+    """32 groups, epsilon 1e-6 (flax.linen.GroupNorm, which the official model
+    uses); an input of variance ~1e-6 makes the epsilon visible."""
+    stem = hybrid.ResNetStem(())
+    stem.build((None, 16, 16, 3))
+    x = np.random.default_rng(0).normal(0.0, 1e-3, (2, 4, 4, 64))
+    groups = x.reshape(2, 4, 4, 32, 2)
+    mean, var = groups.mean(axis=(1, 2, 4), keepdims=True), groups.var(axis=(1, 2, 4), keepdims=True)
+    expected = ((groups - mean) / np.sqrt(var + 1e-6)).reshape(x.shape)
+    ours = keras.ops.convert_to_numpy(stem.gn_root(x.astype("float32")))
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+    assert np.max(np.abs(expected - ((groups - mean) / np.sqrt(var + 1e-5)).reshape(x.shape))) > 0.1
+
+
+@multibackend
 def test_bottleneck_unit_projection_and_identity_start():
     unit = hybrid.BottleneckUnit(32)
     unit.build((None, 8, 8, 128))  # 128 = 4 x 32 channels in, stride 1: no projection
