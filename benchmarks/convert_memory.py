@@ -27,8 +27,6 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # the official-layout writer lives with the tests
 
 CHILD = r"""
 import json, os, resource, sys, time
@@ -66,7 +64,7 @@ def main():
     args = parser.parse_args()
 
     import keras_vit  # noqa: F401 (only for VARIANTS, in this parent process)
-    from official_checkpoints import official_arrays, write_checkpoint
+    from keras_vit.testing import official_arrays, write_checkpoint
 
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         checkpoint = os.path.join(folder, "L_16.npz")

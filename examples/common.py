@@ -15,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from keras_vit.errors import UsageError, first_line  # noqa: E402
+
 FLAGS = flags.FLAGS
 OUR_FLAGS = []  # the flags these scripts define, for error messages
 
@@ -61,10 +63,6 @@ def define_flags(*, model, image_size, batch_size):
     flags.mark_flags_as_required(["dataset", "model_dir"])
 
 
-class UsageError(Exception):
-    """A mistake in the command line: printed as one line, exit status 2."""
-
-
 def fail(message):
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -95,8 +93,6 @@ def _main(argv, build_recipe):
     try:
         setup = _setup(build_recipe)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
-        from keras_vit.training import first_line
-
         fail(first_line(error))
     _train(*setup)
 

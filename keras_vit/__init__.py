@@ -1,20 +1,41 @@
 """keras_vit: the Vision Transformer model zoo for Keras 3.
 
     import keras_vit
-    model = keras_vit.ViT_B16(weights=None)       # or a checkpoint tag
+    model = keras_vit.ViT_B16(weights="augreg_in21k+in1k", classes=10)
+
+One module per concept:
+
+    layers       the Transformer's building blocks (patches, class token, position
+                 embedding, blocks, pooling) and the [0, 255] -> [-1, 1] input scaling
+    models       `ViT()`, the VARIANTS table and the application constructors
+    hybrid       the hybrid models' ResNet stem and HYBRID_VARIANTS
+    views        models sharing a built model's weights: intermediate outputs, attention
+    sizes        parameter and multiply-accumulate counts without building a model
+    pretrained   what a `weights=` value means: resolved before the build, loaded after
+    registry     the official checkpoint files: tags, names, resolutions, classes
+    npz          official `.npz` -> Keras: the reader, layout quirks, strict key matcher
+    download     verified, cached, atomic downloads of checkpoint files
+    labels       the ImageNet-1k/-21k class names and label files
+    data         tf.data input pipelines: TFDS, digits, image folders, augmentation
+    training     recipes, `Trainer` (accumulation, clipping), strategies, `train()`
+    serving      `export_for_serving`: a TF Serving SavedModel
+    visualize    attention rollout maps and the paper's attention-distance figure
+    demo         the offline digits demo (`keras-vit demo`)
+    cli          the `keras-vit` command line
+    errors       one-line user errors
+    tables       text tables for the CLI and README
 """
 
-from keras_vit import layers
+from keras_vit import hybrid, layers, training, visualize
+from keras_vit.layers import preprocess_inputs
 from keras_vit.models import (
     CONSTRUCTORS,
     VARIANTS,
+    R26_ViT_S32,
+    R50_ViT_B16,
+    R50_ViT_L32,
+    R_ViT_Ti16,
     ViT,
-    attention_model,
-    feature_extractor,
-    get_constructor,
-    preprocess_inputs,
-)
-from keras_vit.models import (  # the application constructors, one per VARIANTS row
     ViT_B8,
     ViT_B16,
     ViT_B32,
@@ -24,19 +45,13 @@ from keras_vit.models import (  # the application constructors, one per VARIANTS
     ViT_S16,
     ViT_S32,
     ViT_Ti16,
+    get_constructor,
 )
-from keras_vit.models import (  # the hybrid (ResNet + ViT) constructors, one per hybrid.HYBRID_VARIANTS row
-    R26_ViT_S32,
-    R50_ViT_B16,
-    R50_ViT_L32,
-    R_ViT_Ti16,
-)
-from keras_vit import hybrid
-from keras_vit.checkpoints import list_weights, load_npz
-from keras_vit.weights import load_weights
-from keras_vit import training
-from keras_vit import visualize
+from keras_vit.npz import load_npz
+from keras_vit.pretrained import load_pretrained
+from keras_vit.registry import list_weights
 from keras_vit.serving import export_for_serving
+from keras_vit.views import attention_model, feature_extractor
 
 __version__ = "0.1.0"
 

@@ -10,14 +10,7 @@ import argparse
 import os
 import sys
 
-
-class UsageError(Exception):
-    """A mistake in how the command was called: printed as one line."""
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+from keras_vit.errors import UsageError, first_line
 
 
 # ---------------------------------------------------------------------------
@@ -31,14 +24,37 @@ def _add_list(subparsers):
 
 
 def _run_list(args):
-    import keras_vit
+    from keras_vit import registry
 
     if args.what in ("all", "models"):
-        print(keras_vit.models.format_constructors_table())
+        print(constructors_table())
     if args.what in ("all", "weights"):
         if args.what == "all":
             print()
-        print(keras_vit.list_weights(print_table=False))
+        print(registry.list_weights(print_table=False))
+
+
+def constructors_table(markdown=False):
+    """The constructors as a table: configuration, parameters and GMACs at 224 px."""
+    from keras_vit import models, sizes
+    from keras_vit.tables import format_table
+
+    rows = [("constructor", "ResNet stages", "width", "depth", "heads", "MLP", "patch",
+             "params (1000 classes)", "GMACs @224")]
+    for name, constructor in models.CONSTRUCTORS.items():
+        config = constructor.config
+        rows.append((
+            name,
+            str(config["block_sizes"]) if "block_sizes" in config else "-",
+            str(config["hidden_size"]),
+            str(config["depth"]),
+            str(config["num_heads"]),
+            str(config["mlp_dim"]),
+            str(config["patch_size"]),
+            f"{sizes.parameter_count(**config):,}",
+            f"{sizes.multiply_accumulates(**config) / 1e9:.1f}",
+        ))
+    return format_table(rows, markdown=markdown, code_columns=(0,))
 
 
 # ---------------------------------------------------------------------------
@@ -72,7 +88,7 @@ def _add_convert(subparsers):
 
 
 def _run_convert(args):
-    import keras_vit
+    from keras_vit import models
 
     if not args.output.endswith(CONVERT_SUFFIXES):
         raise UsageError(f"OUTPUT must end with {' or '.join(CONVERT_SUFFIXES)}, got {args.output!r}.")
@@ -82,7 +98,7 @@ def _run_convert(args):
     if args.image_size:
         height, width = (args.image_size * 2)[:2]
         input_shape = (height, width, 3)
-    constructor = keras_vit.get_constructor(args.model)
+    constructor = models.get_constructor(args.model)
     model = constructor(
         weights=args.checkpoint,
         include_top=not args.no_top,
@@ -158,7 +174,7 @@ def _read_image(path):
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise UsageError(f"{path}: not a readable image ({_first_line(error)}).") from None
+        raise UsageError(f"{path}: not a readable image ({first_line(error)}).") from None
 
 
 def _resize_images(images, size):
@@ -180,8 +196,7 @@ def _load_model(name, weights):
     """(model, label set or None, what the weights are) for --model/--weights."""
     import keras
 
-    import keras_vit
-    from keras_vit import checkpoints
+    from keras_vit import models, registry
 
     if name.endswith(MODEL_FILE_SUFFIX):
         if weights is not None:
@@ -189,10 +204,10 @@ def _load_model(name, weights):
         if not os.path.exists(name):
             raise UsageError(f"{name}: no such model file.")
         return keras.saving.load_model(name), None, "its saved weights"
-    constructor = keras_vit.get_constructor(name)
+    constructor = models.get_constructor(name)
     label_set = None
     if weights is not None and not os.path.exists(weights):
-        entry = checkpoints.find_checkpoint(weights, architecture=name)
+        entry = registry.find_checkpoint(weights, architecture=name)
         label_set = entry.labels if entry is not None else None
     return constructor(weights=weights), label_set, weights or "random weights"
 
@@ -343,7 +358,7 @@ def main(argv=None):
     try:
         status = SUBCOMMANDS[args.command][1](args)
     except (UsageError, ValueError, OSError) as error:  # OSError: missing files, downloads
-        print(f"keras-vit {args.command}: error: {_first_line(error)}", file=sys.stderr)
+        print(f"keras-vit {args.command}: error: {first_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("keras-vit: interrupted", file=sys.stderr)

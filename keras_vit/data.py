@@ -31,7 +31,8 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from keras_vit.training import first_line
+from keras_vit.errors import first_line
+from keras_vit.layers import scale_pixels
 
 AUTOTUNE = tf.data.AUTOTUNE
 SPLITS = ("train", "eval")
@@ -371,12 +372,13 @@ def center_crop(image, image_size, crop_fraction=1.0):
 
 
 def scale(images, value_range):
-    """[0, 255] pixels -> value_range."""
-    low, high = value_range
+    """[0, 255] pixels -> the model's input range: kept as they are, or [-1, 1]."""
     images = tf.cast(images, tf.float32)
-    if (low, high) == (0.0, 255.0):
+    if tuple(value_range) == (0.0, 255.0):
         return images
-    return images * ((high - low) / 255.0) + low
+    if tuple(value_range) == (-1.0, 1.0):
+        return scale_pixels(images)
+    raise ValueError(f"value_range must be (0, 255) or (-1, 1) (see input_range(model)), got {value_range}.")
 
 
 def _batch_augmentation(value_range, randaugment, mixup, seed):

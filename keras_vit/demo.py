@@ -51,9 +51,9 @@ def load_digits(image_size=IMAGE_SIZE):
 
 def build_model(image_size=IMAGE_SIZE):
     """The demo's ViT: 32x32 RGB pixels in [0, 255] -> 10 digit probabilities."""
-    import keras_vit
+    from keras_vit.models import ViT
 
-    return keras_vit.ViT(
+    return ViT(
         **MODEL_CONFIG, input_shape=(image_size, image_size, 3), classes=len(CLASS_NAMES), name="digits_vit"
     )
 

@@ -21,16 +21,8 @@ Numerics are the official Flax model's: the kernel is standardised as
 GroupNorm's epsilon is Flax's 1e-6.
 
 Every layer here is serializable and computes with `keras.ops` only. The
-ResNet of a built model is one layer named `resnet_stem`; its variables map
-onto the official `.npz` keys (`stem_weight_map`):
-
-| Keras variable (under `resnet_stem/`)        | official `.npz` key                |
-|----------------------------------------------|------------------------------------|
-| `conv_root/kernel` (7, 7, 3, width)          | `conv_root/kernel`                 |
-| `gn_root/gamma`, `gn_root/beta`              | `gn_root/scale`, `gn_root/bias`    |
-| `block{s}/unit{u}/conv{1,2,3}/kernel`        | `block{s}/unit{u}/conv{1,2,3}/kernel` |
-| `block{s}/unit{u}/gn{1,2,3}/gamma`, `beta`   | `block{s}/unit{u}/gn{1,2,3}/scale`, `bias` |
-| `block{s}/unit{u}/conv_proj/kernel`, `gn_proj/...` | `block{s}/unit{u}/conv_proj/kernel`, `gn_proj/...` |
+ResNet of a built model is one layer named `resnet_stem` (`STEM_LAYER_NAME`);
+`keras_vit.npz` maps the official checkpoint keys onto its variables.
 """
 
 import math
@@ -38,7 +30,7 @@ import math
 import keras
 from keras import layers, ops
 
-from keras_vit.layers import _register
+from keras_vit.layers import serializable
 
 STEM_LAYER_NAME = "resnet_stem"  # the checkpoint loader looks for this layer
 STD_CONV_EPSILON = 1e-5  # official weight_standardize: (w - mean) / (std + eps)
@@ -71,7 +63,7 @@ def standardize_kernel(kernel, epsilon=STD_CONV_EPSILON):
     return ops.cast(kernel, dtype)
 
 
-@_register
+@serializable
 class StdConv2D(layers.Conv2D):
     """A `Conv2D` that standardises its kernel on every call (weight standardisation).
 
@@ -105,7 +97,7 @@ def _group_norm(name, policy, gamma_initializer="ones"):
     )
 
 
-@_register
+@serializable
 class BottleneckUnit(layers.Layer):
     """The official bottleneck unit: 1x1 -> 3x3 (strided) -> 1x1, 4x expansion.
 
@@ -173,7 +165,7 @@ class BottleneckUnit(layers.Layer):
         return config
 
 
-@_register
+@serializable
 class ResNetStage(layers.Layer):
     """`num_units` bottleneck units ("unit1", ...); the first one has the stride."""
 
@@ -217,7 +209,7 @@ class ResNetStage(layers.Layer):
         return config
 
 
-@_register
+@serializable
 class ResNetStem(layers.Layer):
     """The hybrid models' ResNet: root block and stages, image -> feature map.
 
@@ -295,39 +287,6 @@ def stem_builder(block_sizes=(3, 4, 9), width_factor=1):
         return ResNetStem(block_sizes, width_factor, name=STEM_LAYER_NAME)(images)
 
     return stem
-
-
-# ---------------------------------------------------------------------------
-# Official checkpoint keys
-# ---------------------------------------------------------------------------
-
-
-def stem_weight_map(model):
-    """{official `.npz` key: Keras variable} for the `resnet_stem` of `model`.
-
-    The keys are those of the official hybrid checkpoints (no prefix), e.g.
-    "conv_root/kernel", "gn_root/scale", "block1/unit1/conv1/kernel",
-    "block3/unit9/gn3/bias"; shapes are identical on both sides.
-    """
-    try:
-        stem = model.get_layer(STEM_LAYER_NAME)
-    except ValueError:
-        raise ValueError(
-            f"Model {model.name!r} has no {STEM_LAYER_NAME!r} layer: it is not a hybrid model."
-        ) from None
-    mapping = {"conv_root/kernel": stem.conv_root.kernel}
-    mapping.update(_norm_keys("gn_root", stem.gn_root))
-    for stage in stem.stages:
-        for unit in stage.units:
-            prefix = f"{stage.name}/{unit.name}/"
-            for conv, norm in unit.convs_and_norms():
-                mapping[f"{prefix}{conv.name}/kernel"] = conv.kernel
-                mapping.update(_norm_keys(prefix + norm.name, norm))
-    return mapping
-
-
-def _norm_keys(name, norm):
-    return {f"{name}/scale": norm.gamma, f"{name}/bias": norm.beta}
 
 
 # ---------------------------------------------------------------------------

@@ -3,17 +3,8 @@
 Every layer here computes with `keras.ops` only, so a model built from them
 runs on the TensorFlow, JAX and PyTorch backends alike.
 
-Weight names are a stable contract (the checkpoint loader maps onto them):
-
-| layer (model name)            | variable                         | official `.npz` key                  |
-|-------------------------------|----------------------------------|--------------------------------------|
-| `PatchEncoder` (`patch_embed`)| `projection/kernel`, `.../bias`  | `embedding/kernel`, `embedding/bias` |
-| `ClassToken` (`class_token`)  | `token` (1, 1, width)            | `cls`                                |
-| `PositionEmbedding`           | `embedding` (1, tokens, width)   | `Transformer/posembed_input/pos_embedding` |
-| `TransformerBlock` (`block_NN`)| `norm1/gamma`, `norm1/beta`     | `encoderblock_N/LayerNorm_0/scale`, `bias` |
-|                               | `attention/{query,key,value}/kernel` (width, heads, head_dim) | `MultiHeadDotProductAttention_1/{query,key,value}/kernel` |
-|                               | `attention/attention_output/kernel` (heads, head_dim, width) | `MultiHeadDotProductAttention_1/out/kernel` |
-|                               | `norm2/...`, `mlp_in/...`, `mlp_out/...` | `LayerNorm_2`, `MlpBlock_3/Dense_0`, `MlpBlock_3/Dense_1` |
+Variable names are a stable contract: `keras_vit.npz` maps the official
+checkpoint keys onto them (its `MODEL_KEYS` and `BLOCK_KEYS` are the table).
 """
 
 import math
@@ -26,8 +17,49 @@ LAYER_NORM_EPSILON = 1e-6  # the official Flax model's LayerNorm epsilon
 PACKAGE = "keras_vit"
 
 
-def _register(cls):
+def serializable(cls):
+    """Registers a layer class for `.keras` files (safe mode finds it by name)."""
     return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
+
+
+def as_pair(value):
+    """An int or a pair of ints as a (rows, cols) tuple."""
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"Expected an int or a pair of ints, got {value!r}.")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Input scaling: pixels [0, 255] -> [-1, 1], the official model's input range
+# ---------------------------------------------------------------------------
+
+PIXEL_SCALE = 1 / 127.5
+PIXEL_OFFSET = -1.0
+
+
+def scale_pixels(pixels):
+    """[0, 255] pixels (a float array or tensor of any backend, or tf.data's) -> [-1, 1]."""
+    return pixels * PIXEL_SCALE + PIXEL_OFFSET
+
+
+def pixel_rescaling(name="rescaling"):
+    """The model's first layer with `include_preprocessing=True`: `scale_pixels` as a layer."""
+    return layers.Rescaling(scale=PIXEL_SCALE, offset=PIXEL_OFFSET, name=name)
+
+
+def preprocess_inputs(images):
+    """Scales pixels from [0, 255] to [-1, 1], the official ViT input range.
+
+    Use it for models built with `include_preprocessing=False`; models built
+    with the default `include_preprocessing=True` do this themselves.
+    """
+    images = ops.convert_to_tensor(images)
+    if not keras.backend.is_float_dtype(images.dtype):
+        images = ops.cast(images, "float32")
+    return scale_pixels(images)
 
 
 # ---------------------------------------------------------------------------
@@ -105,7 +137,7 @@ def square_grid_size(num_grid_tokens):
 # ---------------------------------------------------------------------------
 
 
-@_register
+@serializable
 class PatchEncoder(layers.Layer):
     """Cuts an image (or feature map) into patches and embeds each as a token.
 
@@ -115,7 +147,7 @@ class PatchEncoder(layers.Layer):
 
     def __init__(self, patch_size, hidden_size, **kwargs):
         super().__init__(**kwargs)
-        self.patch_size = _pair(patch_size)
+        self.patch_size = as_pair(patch_size)
         self.hidden_size = int(hidden_size)
         self.projection = layers.Conv2D(
             self.hidden_size,
@@ -153,7 +185,7 @@ class PatchEncoder(layers.Layer):
         return config
 
 
-@_register
+@serializable
 class ClassToken(layers.Layer):
     """Prepends a learned class token to the token sequence (zero-initialised)."""
 
@@ -174,7 +206,7 @@ class ClassToken(layers.Layer):
         return (input_shape[0], length, input_shape[2])
 
 
-@_register
+@serializable
 class PositionEmbedding(layers.Layer):
     """Adds a learned 1-D position embedding to a (prefix + grid) token sequence.
 
@@ -191,7 +223,7 @@ class PositionEmbedding(layers.Layer):
 
     def __init__(self, grid_size, num_prefix_tokens=1, interpolation="zoom", **kwargs):
         super().__init__(**kwargs)
-        self.grid_size = tuple(int(s) for s in _pair(grid_size))
+        self.grid_size = tuple(int(s) for s in as_pair(grid_size))
         self.num_prefix_tokens = int(num_prefix_tokens)
         if interpolation not in INTERPOLATIONS:
             raise ValueError(
@@ -259,7 +291,7 @@ class PositionEmbedding(layers.Layer):
         return config
 
 
-@_register
+@serializable
 class DropPath(layers.Layer):
     """Stochastic depth: drops a whole residual branch per sample while training."""
 
@@ -287,7 +319,7 @@ class DropPath(layers.Layer):
         return config
 
 
-@_register
+@serializable
 class TransformerBlock(layers.Layer):
     """A pre-LayerNorm Transformer encoder block, as the official Flax model.
 
@@ -381,7 +413,7 @@ class TransformerBlock(layers.Layer):
         return config
 
 
-@_register
+@serializable
 class TokenPooling(layers.Layer):
     """Reduces a token sequence to one feature vector.
 
@@ -413,11 +445,3 @@ class TokenPooling(layers.Layer):
         config.update(mode=self.mode, num_prefix_tokens=self.num_prefix_tokens)
         return config
 
-
-def _pair(value):
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 2:
-        raise ValueError(f"Expected an int or a pair of ints, got {value!r}.")
-    return value

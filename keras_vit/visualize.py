@@ -41,9 +41,9 @@ def attention_weights(model, images, batch_size=8):
 
     Returns a list (one per block) of (batch, heads, tokens, tokens) arrays.
     """
-    import keras_vit
+    from keras_vit.views import attention_model
 
-    outputs = keras_vit.attention_model(model).predict(images, batch_size=batch_size, verbose=0)
+    outputs = attention_model(model).predict(images, batch_size=batch_size, verbose=0)
     return [np.asarray(output, dtype=np.float32) for output in outputs]
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import keras_vit
-from keras_vit import checkpoints, cli
-from official_checkpoints import official_arrays, resized_posemb_zoom, write_checkpoint
+from keras_vit import cli, npz, pretrained, registry
+from keras_vit.testing import official_arrays, resized_posemb_zoom, write_checkpoint
 
 TINY = dict(patch_size=8, hidden_size=32, depth=2, num_heads=4, mlp_dim=64)
 
@@ -70,7 +70,7 @@ FAMILIES = {  # tag -> (classes, resolution); "-224" tags are 224 px, the others
 
 
 def test_registry_rows_are_consistent():
-    entries = checkpoints.registry()
+    entries = registry.registry()
     raw = json.loads((__import__("importlib").resources.files("keras_vit.assets") / "checkpoints.json").read_text())
     assert len(entries) == len(raw["checkpoints"]) >= 40
     assert raw["base_url"] == keras_vit.download.OFFICIAL_BASE_URL
@@ -96,7 +96,7 @@ def test_registry_rows_are_consistent():
 
 
 def test_registry_has_every_file_the_issue_asks_for():
-    have = {(e.architecture, e.tag) for e in checkpoints.registry()}
+    have = {(e.architecture, e.tag) for e in registry.registry()}
     wanted = {(f"ViT_{m}", "in21k") for m in ("B16", "B32", "L16", "L32", "H14")}
     wanted |= {(f"ViT_{m}", "in21k+in1k") for m in ("B16", "B32", "L16", "L32")}
     wanted |= {(f"ViT_{m}", "in21k+in1k-224") for m in ("B16", "L16")}
@@ -107,28 +107,28 @@ def test_registry_has_every_file_the_issue_asks_for():
 
 
 def test_find_checkpoint_by_tag_alias_and_official_name():
-    entry = checkpoints.find_checkpoint("in21k+in1k", "ViT_B16")
+    entry = registry.find_checkpoint("in21k+in1k", "ViT_B16")
     assert entry.file == "imagenet21k+imagenet2012/ViT-B_16.npz" and entry.resolution == 384
-    assert checkpoints.find_checkpoint("in21k+in1k-384", "ViT_B16") is entry
+    assert registry.find_checkpoint("in21k+in1k-384", "ViT_B16") is entry
     for name in ("imagenet21k+imagenet2012/ViT-B_16", "imagenet21k+imagenet2012/ViT-B_16.npz",
                  "https://storage.googleapis.com/vit_models/imagenet21k%2Bimagenet2012/ViT-B_16.npz",
                  "gs://vit_models/imagenet21k+imagenet2012/ViT-B_16.npz"):
-        assert checkpoints.find_checkpoint(name, "ViT_B16") is entry, name
-        assert checkpoints.find_checkpoint(name) is entry  # long names need no architecture
-    augreg = checkpoints.find_checkpoint("augreg_in21k", "ViT_Ti16")
-    assert checkpoints.find_checkpoint(os.path.basename(augreg.file), "ViT_Ti16") is augreg
-    assert checkpoints.find_checkpoint("no-such-checkpoint", "ViT_B16") is None
+        assert registry.find_checkpoint(name, "ViT_B16") is entry, name
+        assert registry.find_checkpoint(name) is entry  # long names need no architecture
+    augreg = registry.find_checkpoint("augreg_in21k", "ViT_Ti16")
+    assert registry.find_checkpoint(os.path.basename(augreg.file), "ViT_Ti16") is augreg
+    assert registry.find_checkpoint("no-such-checkpoint", "ViT_B16") is None
 
 
 def test_find_checkpoint_errors_name_the_fix():
     with pytest.raises(ValueError) as excinfo:
-        checkpoints.find_checkpoint("imagenet21k/ViT-L_16", "ViT_B16")
+        registry.find_checkpoint("imagenet21k/ViT-L_16", "ViT_B16")
     assert "ViT_L16" in one_line_error(excinfo)
     with pytest.raises(ValueError) as excinfo:
-        checkpoints.find_checkpoint("augreg_in21k", "ViT_H14")
+        registry.find_checkpoint("augreg_in21k", "ViT_H14")
     assert "in21k" in one_line_error(excinfo) and "list_weights" in str(excinfo.value)
     with pytest.raises(ValueError, match="constructor"):
-        checkpoints.find_checkpoint("in21k", None)
+        registry.find_checkpoint("in21k", None)
     with pytest.raises(ValueError, match="ViT_L16"):
         keras_vit.ViT_B16(weights="imagenet21k/ViT-L_16")  # before anything is built or fetched
 
@@ -138,7 +138,7 @@ def test_list_weights_prints_and_returns_the_table(capsys):
     assert capsys.readouterr().out.strip() == table
     lines = table.splitlines()
     assert lines[0].split()[:6] == ["architecture", "tag", "resolution", "classes", "pre_logits", "ImageNet"]
-    for entry in checkpoints.registry():
+    for entry in registry.registry():
         assert any(entry.file in line and entry.tag in line for line in lines), entry
     b16 = next(line for line in lines if "imagenet21k/ViT-B_16.npz" in line)
     assert "21,843" in b16 and " 768 " in b16
@@ -383,7 +383,7 @@ def test_hybrid_stem_weights_come_from_the_hook(tmp_path):
     model = build(None)
     rng = np.random.default_rng(3)
     stem = {}
-    for key, variable in hybrid.stem_weight_map(model).items():
+    for key, variable in npz.stem_weight_map(model).items():
         shape = tuple(variable.shape)
         if re.search(r"gn(\d+|_root|_proj)/(scale|bias)$", key):
             shape = (1, 1, 1) + shape  # as old Flax GroupNorm files stored them
@@ -392,21 +392,12 @@ def test_hybrid_stem_weights_come_from_the_hook(tmp_path):
     arrays = dict(official_arrays(**dict(TINY, patch_size=1), grid_size=(8, 8), classes=5,
                                   in_channels=channels, extra=stem))
     loaded = build(write_checkpoint(tmp_path / "hybrid.npz", arrays))
-    mapping = hybrid.stem_weight_map(loaded)
+    mapping = npz.stem_weight_map(loaded)
     for key, array in stem.items():
         np.testing.assert_array_equal(value(mapping[key]), array.reshape(mapping[key].shape))
     del arrays["conv_root/kernel"]
     with pytest.raises(ValueError, match="resnet_stem/.*conv_root"):
         build(write_checkpoint(tmp_path / "no_root.npz", arrays))
-
-
-def test_a_resnet_stem_without_the_hybrid_module_is_an_error(tiny_ckpt, monkeypatch):
-    import sys
-
-    stem = lambda x: keras.layers.Identity(name="resnet_stem")(x)  # noqa: E731
-    monkeypatch.setitem(sys.modules, "keras_vit.hybrid", None)  # import fails
-    with pytest.raises(ValueError, match="keras_vit.hybrid"):
-        tiny_model(tiny_ckpt[0], stem=stem)
 
 
 # ---------------------------------------------------------------------------

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 import keras_vit
-from keras_vit import checkpoints, download
-from official_checkpoints import official_arrays, write_checkpoint
+from keras_vit import download, pretrained, registry
+from keras_vit.testing import official_arrays, write_checkpoint
 
 TINY = dict(patch_size=8, hidden_size=32, depth=2, num_heads=4, mlp_dim=64)
 TINY_FILE = "testing/tiny.npz"
@@ -180,17 +180,17 @@ def test_cached_file_damaged_later_is_removed_and_fetched_again(server):
 def test_unreadable_cached_checkpoint_is_removed_by_the_loader(server):
     """A file whose hash matches its record but does not read as .npz (say, cached by
     an older version) is removed so that the next run downloads it again."""
-    entry = checkpoints.Checkpoint(tag="test", architecture="vit", file=TINY_FILE, resolution=32,
+    entry = registry.Checkpoint(tag="test", architecture="vit", file=TINY_FILE, resolution=32,
                                    classes=5, labels="imagenet1k")
     path = download.cached_path(TINY_FILE)
     os.makedirs(os.path.dirname(path))
     open(path, "wb").write(served_bytes(server)[:300])
     model = keras_vit.ViT(**TINY, input_shape=(32, 32, 3), classes=5)
     with pytest.raises(ValueError) as excinfo:
-        checkpoints.load_registered(model, entry, progress=False)
+        pretrained.load_registered(model, entry, progress=False)
     assert path in one_line(excinfo) and "removed from the cache" in str(excinfo.value)
     assert cache_files() == []
-    checkpoints.load_registered(model, entry, progress=False)
+    pretrained.load_registered(model, entry, progress=False)
     assert server.requests == [TINY_FILE]
 
 
@@ -238,7 +238,7 @@ def test_cached_file_loads_with_the_server_gone(server):
 def b16_bucket(tmp_path_factory):
     """A random ViT-B/16 in21k checkpoint (21,843 classes, pre_logits 768): ~412 MB,
     written once for this module, under its official relative path."""
-    entry = checkpoints.find_checkpoint("in21k", "ViT_B16")
+    entry = registry.find_checkpoint("in21k", "ViT_B16")
     root = tmp_path_factory.mktemp("b16_bucket")
     path = root / entry.file
     path.parent.mkdir(parents=True)
@@ -291,3 +291,30 @@ def test_vit_b16_in21k_downloads_once_and_builds_the_21843_class_model(b16_serve
     assert not value(head.kernel).any() and not value(head.bias).any()
     assert "pre_logits" not in {layer.name for layer in model.layers}  # official fine-tuning drops it
     np.testing.assert_array_equal(weight(model, "block_11/attention/query/kernel"), query)
+
+
+def test_an_unregistered_augreg_file_loads_by_its_official_name(tmp_path, monkeypatch):
+    """Any AugReg file name from the official bucket: architecture, resolution and classes come from the name."""
+    name = "Ti_16-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0--cifar100-steps_2k-lr_0.003-res_224"
+    assert all(name not in entry.long_names() for entry in registry.registry())
+    root = tmp_path / "bucket"
+    (root / "augreg").mkdir(parents=True)
+    write_checkpoint(root / "augreg" / f"{name}.npz",
+                     official_arrays(**keras_vit.VARIANTS["Ti/16"], image_size=224, classes=100, seed=3))
+    server = CheckpointServer(str(root))
+    monkeypatch.setenv(download.BASE_URL_ENV, server.url)
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    try:
+        model = keras_vit.ViT_Ti16(weights=name)
+        assert server.requests == [f"augreg/{name}.npz"]
+        assert model.input_shape == (None, 224, 224, 3) and model.output_shape == (None, 100)
+        with np.load(root / "augreg" / f"{name}.npz") as arrays:
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("predictions").kernel),
+                                          arrays["head/kernel"])
+        with pytest.raises(ValueError, match="is for ViT_Ti16, not ViT_S16") as excinfo:
+            keras_vit.ViT_S16(weights=f"augreg/{name}.npz")
+        one_line(excinfo)
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="fine-tuned on 'kitti'"):
+        keras_vit.ViT_Ti16(weights=name.replace("cifar100", "kitti"))

@@ -21,8 +21,9 @@ import pytest
 import harness
 import keras_vit
 from keras_vit import hybrid
-from keras_vit.models import CONSTRUCTORS, hybrid_config, parameter_count
-from official_checkpoints import official_arrays, resnet_arrays, write_checkpoint
+from keras_vit.models import CONSTRUCTORS, variant_config
+from keras_vit.sizes import parameter_count
+from keras_vit.testing import official_arrays, resnet_arrays, write_checkpoint
 
 multibackend = pytest.mark.multibackend
 
@@ -63,13 +64,13 @@ def test_constructors_table_lists_the_hybrids(capsys):
 def test_hybrid_registry_entries_build():
     """Every registered hybrid checkpoint names a hybrid constructor, and its
     resolution is a whole number of tokens for it."""
-    entries = [e for e in keras_vit.checkpoints.registry() if e.architecture in HYBRIDS]
+    entries = [e for e in keras_vit.registry.registry() if e.architecture in HYBRIDS]
     assert {e.architecture for e in entries} == set(HYBRIDS)
     for entry in entries:
         config = HYBRIDS[entry.architecture].config
         pixels_per_token = hybrid.total_stride(config["block_sizes"]) * config["patch_size"]
         assert entry.resolution % pixels_per_token == 0, entry.file
-        plan = keras_vit.weights.plan(entry.tag, architecture=entry.architecture)
+        plan = keras_vit.pretrained.plan(entry.tag, architecture=entry.architecture)
         assert plan.input_shape == (entry.resolution, entry.resolution, 3)
         assert plan.classes == entry.classes
 
@@ -152,7 +153,7 @@ def test_stem_output_shape_and_size_helpers(block_sizes, size):
 def test_stem_weight_map_has_the_official_keys_and_shapes(block_sizes):
     inputs = keras.Input((64, 64, 3))
     model = keras.Model(inputs, hybrid.stem_builder(block_sizes)(inputs))
-    mapping = hybrid.stem_weight_map(model)
+    mapping = npz.stem_weight_map(model)
     expected = resnet_arrays(block_sizes)  # written from the official code, independently
     assert sorted(mapping) == sorted(expected)
     for key, variable in mapping.items():
@@ -180,7 +181,7 @@ def test_npz_loads_every_resnet_array(tmp_path):
     official key; GroupNorm arrays in the old (1, 1, 1, C) shape included."""
     arrays = tiny_checkpoint(tmp_path / "tiny.npz", old_group_norm_shape=True)
     model = harness.tiny_hybrid(weights=str(tmp_path / "tiny.npz"))
-    mapping = hybrid.stem_weight_map(model)
+    mapping = npz.stem_weight_map(model)
     assert set(mapping) <= set(arrays)
     for key, variable in mapping.items():
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), arrays[key].reshape(variable.shape))
@@ -207,4 +208,4 @@ def test_bad_arguments_get_clear_errors():
     with pytest.raises(ValueError, match="block_sizes must be positive"):
         hybrid.ResNetStem((3, 0))
     with pytest.raises(ValueError, match="not a hybrid model"):
-        hybrid.stem_weight_map(harness.tiny_vit())
+        npz.stem_weight_map(harness.tiny_vit())

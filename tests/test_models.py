@@ -9,7 +9,7 @@ import pytest
 
 import harness
 import keras_vit
-from keras_vit.models import parameter_count
+from keras_vit.sizes import parameter_count
 
 pytestmark = pytest.mark.multibackend
 

@@ -1,7 +1,7 @@
 """Parity of the hybrid models with timm's (`vision_transformer_hybrid.py`).
 
 As tests/test_parity_timm.py: a random checkpoint in the official layout (the
-ResNet arrays from `official_checkpoints.resnet_arrays`, the Transformer's
+ResNet arrays from `keras_vit.testing.resnet_arrays`, the Transformer's
 from `official_arrays`) is loaded into keras_vit (`weights=path.npz`, the
 strict loader) and into timm (`_load_weights`; model built with
 act_layer="gelu_tanh", the official GELU), both get the same images in
@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 import keras_vit
-from official_checkpoints import POSEMB_KEY, official_arrays, resized_posemb_zoom, resnet_arrays, write_checkpoint
+from keras_vit.testing import POSEMB_KEY, official_arrays, resized_posemb_zoom, resnet_arrays, write_checkpoint
 from test_parity_timm import assert_close, inputs, keras_outputs
 
 pytestmark = pytest.mark.parity
@@ -54,7 +54,7 @@ STEM_KEYS = ("block_sizes", "width_factor")
 
 
 def hybrid_config(variant, depth=None):
-    config = keras_vit.models.hybrid_config(variant)
+    config = keras_vit.models.variant_config(variant)
     return config if depth is None else dict(config, depth=depth)
 
 
@@ -116,7 +116,7 @@ def test_parameter_counts(variant, image_size, classes):
     tests/test_models.py) against timm's model of the same official config."""
     reference = timm.create_model(TIMM_NAMES[variant], img_size=image_size, num_classes=classes, device="meta")
     expected = sum(p.numel() for p in reference.parameters())
-    assert keras_vit.models.parameter_count(**hybrid_config(variant), image_size=image_size, classes=classes) == expected
+    assert keras_vit.sizes.parameter_count(**hybrid_config(variant), image_size=image_size, classes=classes) == expected
 
 
 @pytest.mark.parametrize("variant, old_group_norm_shape", [("R50+B/16", True), ("R26+S/32", False)])
@@ -147,7 +147,7 @@ def test_r_ti16_registry_checkpoint_at_non_square_size(tmp_path, monkeypatch):
     (the file placed in the cache: no download), run at 160x256: grid 12x12 -> 5x8."""
     monkeypatch.setenv("KERAS_VIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("KERAS_VIT_BASE_URL", "http://127.0.0.1:9/")  # nothing listens there
-    entry = keras_vit.checkpoints.find_checkpoint("augreg_in21k+in1k", "R_ViT_Ti16")
+    entry = keras_vit.registry.find_checkpoint("augreg_in21k+in1k", "R_ViT_Ti16")
     assert entry.resolution == 384
     arrays = checkpoint_arrays("R+Ti/16", hybrid_config("R+Ti/16"), entry.resolution)
     path = tmp_path / "cache" / entry.file

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import keras_vit
-from official_checkpoints import POSEMB_KEY, official_arrays, resized_posemb_zoom, write_checkpoint
+from keras_vit.testing import POSEMB_KEY, official_arrays, resized_posemb_zoom, write_checkpoint
 
 pytestmark = pytest.mark.parity
 # Imported, not importorskip'd: a missing parity extra must fail, not pass silently.

@@ -1,4 +1,4 @@
-"""The one entry point for the `weights=` argument of every constructor.
+"""What a `weights=` value means: resolves it before the model is built, loads it after.
 
 `plan()` looks at what the user passed before the model is built (a checkpoint
 can fix the class count, the pre_logits layer and the resolution), and the
@@ -13,10 +13,10 @@ Accepted values:
                           architecture (`keras_vit.list_weights()`), or a
                           file's official name ("imagenet21k/ViT-B_16"):
                           downloaded once, verified and cached
-                          (keras_vit.download)
+                          (keras_vit.registry, keras_vit.download)
     "path/x.npz"          a local official checkpoint file
 
-With a checkpoint (tag or .npz), loading is strict (keras_vit.checkpoints)
+With a checkpoint (tag or .npz), loading is strict (keras_vit.npz)
 and the checkpoint fills in what the caller leaves None:
     classes               the checkpoint's; another count gets a
                           zero-initialised head on the pretrained body
@@ -32,6 +32,9 @@ and the checkpoint fills in what the caller leaves None:
 import dataclasses
 import os
 from typing import Callable, Optional
+
+from keras_vit import download, npz, registry
+from keras_vit.errors import first_line
 
 KERAS_WEIGHTS_SUFFIXES = (".weights.h5",)
 
@@ -75,23 +78,21 @@ def plan(
         return LoadPlan(
             classes, representation_size, input_shape, lambda model: load_keras_weights(model, path)
         )
-    from keras_vit import checkpoints
-
     if path.endswith(".npz") and os.path.exists(path):
-        info = checkpoints.inspect_npz(path)
+        info = npz.inspect_npz(path)
         source = path
     else:
-        source = checkpoints.find_checkpoint(path, architecture)
+        source = registry.find_checkpoint(path, architecture)
         if source is None:
             if path.endswith(".npz"):
                 raise FileNotFoundError(f"Checkpoint file not found: {path}")
-            tags = ", ".join(checkpoints.tags_for(architecture)) if architecture else ""
+            tags = ", ".join(registry.tags_for(architecture)) if architecture else ""
             raise ValueError(
                 f"Unknown weights {path!r}: pass None, a checkpoint tag"
                 + (f" of {architecture} ({tags})" if tags else "")
                 + ", an official .npz file or a Keras '.weights.h5' file; see keras_vit.list_weights()."
             )
-        info = checkpoints.CheckpointInfo(source.classes, source.pre_logits, source.resolution)
+        info = npz.CheckpointInfo(source.classes, source.pre_logits, source.resolution)
     return _checkpoint_plan(
         source, info, include_top, classes, representation_size, input_shape, **checkpoint_options
     )
@@ -106,8 +107,6 @@ def _reject_checkpoint_options(options, what):
 def _checkpoint_plan(source, info, include_top, classes, representation_size, input_shape,
                      keep_pre_logits, expected_sha256):
     """The plan for an official checkpoint: a registry entry or a local .npz path."""
-    from keras_vit import checkpoints
-
     new_head = False
     if include_top:
         classes = info.classes if classes is None else classes
@@ -121,10 +120,10 @@ def _checkpoint_plan(source, info, include_top, classes, representation_size, in
         drop_pre_logits=bool(include_top and info.pre_logits and not keep),
         expected_sha256=expected_sha256,
     )
-    if isinstance(source, checkpoints.Checkpoint):
-        loader = lambda model: checkpoints.load_registered(model, source, **load_options)  # noqa: E731
+    if isinstance(source, registry.Checkpoint):
+        loader = lambda model: load_registered(model, source, **load_options)  # noqa: E731
     else:
-        loader = lambda model: checkpoints.load_npz(model, source, **load_options)  # noqa: E731
+        loader = lambda model: npz.load_npz(model, source, **load_options)  # noqa: E731
     return LoadPlan(classes, info.pre_logits if keep else None, input_shape, loader)
 
 
@@ -159,14 +158,30 @@ def load_keras_weights(model, path):
     try:
         model.load_weights(path)
     except (ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"Weights file {path} does not fit model {model.name!r}: {first_line} "
+            f"Weights file {path} does not fit model {model.name!r}: {first_line(error)} "
             "Build the model with the same architecture, include_top and classes "
             "as the model that saved it."
         ) from error
 
 
-def load_weights(model, weights, **kwargs):
-    """Loads `weights` (anything `weights=` accepts) into an already built model."""
+def load_pretrained(model, weights, **kwargs):
+    """Loads `weights` (anything `weights=` accepts) into an already built model.
+
+    `kwargs` are `plan()`'s: `architecture` (for a tag), `include_top`,
+    `classes`, `keep_pre_logits`, `expected_sha256`.
+    """
     plan(weights, **kwargs).load(model)
+
+
+def load_registered(model, entry, *, new_head=False, drop_pre_logits=False, expected_sha256=None, progress=True):
+    """Downloads (once, verified) and loads a registry entry; a cached file that
+    turns out unreadable is removed so that the next run downloads it again."""
+    path = download.fetch(entry.file, entry.sha256, expected_sha256, progress=progress)
+    try:
+        npz.load_npz(model, path, new_head=new_head, drop_pre_logits=drop_pre_logits)
+    except npz.CorruptCheckpointError as error:
+        download.remove_cached(entry.file)
+        raise npz.CorruptCheckpointError(
+            f"{error} It was removed from the cache: run again to download it again."
+        ) from None

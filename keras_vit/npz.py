@@ -1,14 +1,4 @@
-"""Google's official ViT checkpoints: the registry, and strict `.npz` -> Keras loading.
-
-Registry
-    `weights/checkpoints.json` (shipped as `keras_vit.assets`) lists every
-    official file: its short tag per architecture (`in21k`, `in21k+in1k`,
-    `in21k+in1k-224`, `augreg_in21k`, `augreg_in21k+in1k`,
-    `augreg_in21k+in1k-224`), resolution, classes and label set, the width of
-    its `pre_logits` layer, the ImageNet top-1 its source reports, and its
-    SHA-256 where known. `find_checkpoint` resolves a tag for an architecture,
-    or a file's official name (`imagenet21k/ViT-B_16`, an AugReg file name,
-    with or without `.npz`, or its URL). `list_weights()` prints the table.
+"""Official `.npz` checkpoints -> keras_vit models: the archive reader, every layout quirk, the strict key matcher.
 
 Loading (`load_npz`) is strict: every checkpoint array is used exactly once
 and every model weight is set exactly once; anything else is one ValueError
@@ -40,22 +30,14 @@ The quarantine: every checkpoint quirk is handled here and nowhere else
       token) a zero entry is prepended, which computes the same function;
     * old Flax GroupNorm scales/biases stored as (1, 1, 1, C) are squeezed
       (vision_transformer's `_fix_groupnorm`).
-The Keras-variable <-> key table is `MODEL_KEYS`/`BLOCK_KEYS` below (the same
-table as the keras_vit.layers docstring). Attention kernels already have the
-official shapes in Keras, (width, heads, head_dim) and (heads, head_dim,
-width): nothing is reshaped.
-
-Extension point for hybrid models: a model with a layer named `resnet_stem`
-gets the keys of `keras_vit.hybrid.stem_weight_map(model)` ({official key
-without prefix: Keras variable}, e.g. `conv_root/kernel`, `gn_root/scale`,
-`block1/unit1/conv1/kernel`, `block1/unit1/gn_proj/bias`) merged into the
-map, under the same strictness. keras_vit.hybrid is imported only then.
+The Keras-variable <-> key table is `MODEL_KEYS`, `BLOCK_KEYS` and, for a
+hybrid's ResNet, `STEM_PATH` below: the one place it is written. Attention
+kernels already have the official shapes in Keras, (width, heads, head_dim)
+and (heads, head_dim, width): nothing is reshaped.
 """
 
 import dataclasses
 import functools
-import importlib.resources
-import json
 import math
 import os
 import re
@@ -66,159 +48,10 @@ from typing import Optional
 import numpy as np
 
 from keras_vit import download
+from keras_vit.errors import first_line
+from keras_vit.hybrid import STEM_LAYER_NAME
 
-REGISTRY_FILE = "checkpoints.json"
-STEM_LAYER_NAME = "resnet_stem"
 MAX_LISTED = 6  # keys named per problem in an error line
-
-
-# ---------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """One official checkpoint file (a row of weights/checkpoints.json)."""
-
-    tag: str
-    architecture: str
-    file: str
-    resolution: int
-    classes: int
-    labels: str
-    pre_logits: Optional[int] = None
-    imagenet_top1: Optional[float] = None
-    accuracy_source: Optional[str] = None
-    sha256: Optional[str] = None
-    aliases: tuple = ()
-    sha256_source: Optional[str] = None
-    note: Optional[str] = None
-
-    @property
-    def url(self):
-        return download.url_for(self.file)
-
-    @property
-    def official_name(self):
-        """The file's path under the official bucket, without `.npz`."""
-        return self.file[: -len(".npz")] if self.file.endswith(".npz") else self.file
-
-    def long_names(self):
-        names = {self.official_name}
-        if self.official_name.startswith("augreg/"):  # AugReg names are unique on their own
-            names.add(self.official_name[len("augreg/"):])
-        return names
-
-    def short_names(self):
-        return {self.tag, *self.aliases}
-
-
-@functools.lru_cache(maxsize=None)
-def registry():
-    """All registered checkpoints, in the order of weights/checkpoints.json."""
-    text = (importlib.resources.files("keras_vit.assets") / REGISTRY_FILE).read_text(encoding="utf-8")
-    rows = json.loads(text)["checkpoints"]
-    return tuple(Checkpoint(**dict(row, aliases=tuple(row.get("aliases", ())))) for row in rows)
-
-
-def _normalise_name(name):
-    name = name.strip()
-    for prefix in (download.OFFICIAL_BASE_URL, "gs://vit_models/"):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    name = name.replace("%2B", "+").replace("%2b", "+")
-    return name[: -len(".npz")] if name.endswith(".npz") else name
-
-
-def tags_for(architecture):
-    return [entry.tag for entry in registry() if entry.architecture == architecture]
-
-
-def find_checkpoint(name, architecture=None):
-    """The registry entry `name` designates for `architecture`, or None if unknown.
-
-    `name` is a short tag ("in21k", valid per architecture) or a file's
-    official name. Raises ValueError when the name is known but does not fit
-    `architecture`.
-    """
-    name = _normalise_name(name)
-    for entry in registry():
-        if name in entry.long_names():
-            if architecture is not None and entry.architecture != architecture:
-                raise ValueError(
-                    f"Checkpoint {entry.official_name!r} is for {entry.architecture}, not "
-                    f"{architecture}: build it with keras_vit.{entry.architecture}."
-                )
-            return entry
-    matches = [entry for entry in registry() if name in entry.short_names()]
-    if not matches:
-        return None
-    if architecture is None:
-        raise ValueError(
-            f"Checkpoint tag {name!r} names one file per architecture: use a constructor such "
-            f"as keras_vit.{matches[0].architecture}, or pass the file's official name or path."
-        )
-    for entry in matches:
-        if entry.architecture == architecture:
-            return entry
-    available = ", ".join(tags_for(architecture)) or "none"
-    raise ValueError(
-        f"No {name!r} checkpoint for {architecture} (its tags: {available}); "
-        "see keras_vit.list_weights()."
-    )
-
-
-def _architecture_order():
-    from keras_vit.models import CONSTRUCTORS
-
-    return {name: index for index, name in enumerate(CONSTRUCTORS)}
-
-
-def list_weights(print_table=True, architecture=None, markdown=False):
-    """The registry as a table (tag, architecture, resolution, classes,
-    pre_logits, reported ImageNet top-1); printed unless print_table=False.
-
-    Args:
-        print_table: print the table as well as return it.
-        architecture: only the checkpoints of this constructor ("ViT_B16").
-        markdown: a Markdown table (the README's) instead of plain text.
-    """
-    entries = sorted(
-        (e for e in registry() if architecture in (None, e.architecture)),
-        key=lambda e: _architecture_order().get(e.architecture, len(_architecture_order())),
-    )  # grouped by constructor, registry order within
-    if architecture is not None and not entries:
-        raise ValueError(f"No checkpoints for {architecture!r}; see keras_vit.list_weights().")
-    sources = list(dict.fromkeys(e.accuracy_source for e in entries if e.accuracy_source))
-    header = ("architecture", "tag", "resolution", "classes", "pre_logits", "ImageNet top-1", "file")
-    rows = [header]
-    for e in entries:
-        accuracy = "-"
-        if e.imagenet_top1 is not None:
-            accuracy = f"{e.imagenet_top1:.2f} [{sources.index(e.accuracy_source) + 1}]"
-        rows.append((
-            e.architecture,
-            e.tag,
-            str(e.resolution),
-            f"{e.classes:,}",
-            str(e.pre_logits) if e.pre_logits else "-",
-            accuracy,
-            e.file,
-        ))
-    notes = [f"[{i + 1}] {source}" for i, source in enumerate(sources)]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(f"`{c}`" if i in (1, 6) else c for i, c in enumerate(row)) + " |" for row in rows[1:]]
-        table = "\n".join(lines + [""] + [note + "  " for note in notes])
-    else:
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        table = "\n".join(lines + [""] + notes)
-    table = table.rstrip()
-    if print_table:
-        print(table)
-    return table
 
 
 # ---------------------------------------------------------------------------
@@ -249,9 +82,8 @@ class _Archive:
         self.shapes = self._read_shapes()
 
     def _corrupt(self, error):
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return CorruptCheckpointError(
-            f"{self.path} is not a readable .npz checkpoint (truncated or corrupt: {reason})."
+            f"{self.path} is not a readable .npz checkpoint (truncated or corrupt: {first_line(error)})."
         )
 
     def _read_shapes(self):
@@ -341,6 +173,12 @@ BLOCK_KEYS = {
     "mlp_out/bias": "{mlp}/Dense_1/bias",
 }
 BLOCK_PATH = re.compile(r"^block_(\d+)/(.+)$")
+# A hybrid's ResNet (the `resnet_stem` layer): `resnet_stem/<path>/<variable>`
+# -> `<path>/<key>`, e.g. resnet_stem/block1/unit1/gn_proj/gamma ->
+# block1/unit1/gn_proj/scale; conv_root/kernel, gn_root/..., blockS/unitU/
+# {conv1,conv2,conv3,conv_proj}/kernel and {gn1,gn2,gn3,gn_proj}/{scale,bias}.
+STEM_PATH = re.compile(rf"^{STEM_LAYER_NAME}/(.+)/(kernel|gamma|beta)$")
+STEM_VARIABLES = {"kernel": "kernel", "gamma": "scale", "beta": "bias"}
 HEAD_KEYS = ("head/kernel", "head/bias")
 PRE_LOGITS_KEYS = ("pre_logits/kernel", "pre_logits/bias")
 # Old Flax GroupNorm parameters were stored (1, 1, 1, C): squeezed on load.
@@ -373,6 +211,9 @@ def detect_layout(shapes, path="checkpoint"):
 
 def official_key(variable_path, layout):
     """The official key (without prefix) of a Keras variable path, or None."""
+    match = STEM_PATH.match(variable_path)
+    if match:  # a hybrid's ResNet: the same names, Keras's gamma/beta for Flax's scale/bias
+        return f"{match.group(1)}/{STEM_VARIABLES[match.group(2)]}"
     if variable_path in MODEL_KEYS:
         key = MODEL_KEYS[variable_path]
         if key == "{posemb}":
@@ -395,24 +236,20 @@ def weight_map(model, layout):
             unmapped.append(variable)
         else:
             mapping[key] = variable
-    if any(layer.name == STEM_LAYER_NAME for layer in model.layers):
-        try:
-            from keras_vit.hybrid import stem_weight_map
-        except ImportError as error:
-            raise ValueError(
-                f"Model {model.name!r} has a {STEM_LAYER_NAME!r} layer but keras_vit.hybrid "
-                f"cannot be imported ({error}): reinstall keras_vit."
-            ) from None
-        stem_map = stem_weight_map(model)
-        mapping.update(stem_map)
-        stem_ids = {id(variable) for variable in stem_map.values()}
-        unmapped = [v for v in unmapped if id(v) not in stem_ids]
     seen = {}
     for key, variable in mapping.items():
         if id(variable) in seen:
             raise ValueError(f"{variable.path} is mapped twice: from {seen[id(variable)]} and {key}.")
         seen[id(variable)] = key
     return mapping, unmapped
+
+
+def stem_weight_map(model):
+    """{official key: Keras variable} of the ResNet of a hybrid `model` alone."""
+    if not any(layer.name == STEM_LAYER_NAME for layer in model.layers):
+        raise ValueError(f"Model {model.name!r} has no {STEM_LAYER_NAME!r} layer: it is not a hybrid model.")
+    mapping, _ = weight_map(model, Layout("", "vision_transformer", POSEMB_KEYS[0]))
+    return {key: v for key, v in mapping.items() if STEM_PATH.match(v.path)}
 
 
 # ---------------------------------------------------------------------------
@@ -576,16 +413,3 @@ def _mismatch_message(model, path, missing, mismatched, unused, unmapped):
         hints.append("keep_pre_logits=False (or drop_pre_logits=True) drops the pre_logits layer")
     hint = "; ".join(hints) or "build the architecture the checkpoint was trained with"
     return f"Checkpoint {path} does not fit model {model.name!r}: " + " | ".join(parts) + f". Hint: {hint}."
-
-
-def load_registered(model, entry, *, new_head=False, drop_pre_logits=False, expected_sha256=None, progress=True):
-    """Downloads (once, verified) and loads a registry entry; a cached file that
-    turns out unreadable is removed so that the next run downloads it again."""
-    path = download.fetch(entry.file, entry.sha256, expected_sha256, progress=progress)
-    try:
-        load_npz(model, path, new_head=new_head, drop_pre_logits=drop_pre_logits)
-    except CorruptCheckpointError as error:
-        download.remove_cached(entry.file)
-        raise CorruptCheckpointError(
-            f"{error} It was removed from the cache: run again to download it again."
-        ) from None

@@ -1,0 +1,138 @@
+"""Fault-tolerant training: `train()` runs a number of steps with atomic checkpoints and resumes where a killed run stopped."""
+
+import json
+import os
+import time
+
+import keras
+from keras import ops
+
+from keras_vit.training.distribute import task_directory
+
+class Backup(keras.callbacks.Callback):
+    """Saves the whole training state (weights, optimizer slots, step) at the
+    end of every epoch and restores it with `restore()`.
+
+    Unlike `keras.callbacks.BackupAndRestore` (Keras 3.15), a save is atomic
+    (written aside, then renamed: a kill mid-save keeps the previous one), a
+    run resumes at the exact step saved rather than at the start of the
+    epoch, and each task of a multi-worker run keeps its own copy.
+    """
+
+    WEIGHTS = "state.weights.h5"
+    INFO = "state.json"
+
+    def __init__(self, directory):
+        super().__init__()
+        self.directory = directory
+        self.path = os.path.join(directory, self.WEIGHTS)
+
+    def restore(self, model):
+        """Loads the saved state into a `Trainer`; returns the step it was saved at (0: none)."""
+        if not os.path.exists(self.path):
+            return 0
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(self.path)
+        return _step(model)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save()
+
+    def save(self):
+        os.makedirs(self.directory, exist_ok=True)
+        partial = os.path.join(self.directory, "partial-" + self.WEIGHTS)
+        self.model.save_weights(partial)
+        os.replace(partial, self.path)
+        _write_json(os.path.join(self.directory, self.INFO), {"step": _step(self.model)})
+
+
+def _step(trainer):
+    return int(ops.convert_to_numpy(trainer.steps_done))
+
+
+def _write_json(path, content):
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        json.dump(content, f, indent=1)
+    os.replace(partial, path)
+
+
+def train(
+    trainer,
+    train_data,
+    total_steps,
+    model_dir,
+    *,
+    save_every=100,
+    eval_data=None,
+    callbacks=(),
+    verbose=2,
+):
+    """Runs `total_steps` updates of `trainer` with checkpoints, resuming
+    where a previous run with the same `model_dir` stopped.
+
+    Args:
+        trainer: a compiled `Trainer`, built under the strategy's scope.
+        train_data: `train_data(start_step)` -> a repeated `tf.data.Dataset`
+            of global batches; a resumed run gets the step it resumes from.
+        total_steps: optimizer updates in the whole run.
+        model_dir: gets `checkpoint/` (the training state, saved every
+            `save_every` steps), `logs/` (TensorBoard), `model.keras` (the
+            trained model) and `results.json`; other workers of a
+            multi-worker run write the same under `model_dir/worker-N`.
+        eval_data: a dataset evaluated at the end.
+        callbacks: more Keras callbacks.
+        verbose: `fit`'s verbosity (2: a line per checkpoint interval).
+
+    The strategy is the one the trainer was built under.
+
+    Returns the results dict also written to results.json: steps done,
+    the step it resumed from, per-epoch training logs, the evaluation.
+    """
+    strategy = trainer.distribute_strategy
+    directory = task_directory(model_dir, strategy)
+    is_chief = directory == model_dir
+    backup = Backup(os.path.join(directory, "checkpoint"))
+    with strategy.scope():  # optimizer slots made by the restore belong to the strategy
+        start_step = backup.restore(trainer)
+    if start_step:
+        print(f"Resuming from step {start_step} (saved in {backup.path}).", flush=True)
+    callbacks = [backup, *callbacks]
+    if is_chief:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(directory, "logs")))
+
+    history = {}
+    began = time.time()
+    # A Keras epoch is one checkpoint interval; a shorter one ends the run.
+    full, last = divmod(max(total_steps - start_step, 0), save_every)
+    for count, length in ((full, save_every), (1 if last else 0, last)):
+        if not count:
+            continue
+        step = _step(trainer)
+        first_epoch = step // save_every  # only numbers the log lines
+        fitted = trainer.fit(
+            train_data(step),
+            initial_epoch=first_epoch,
+            epochs=first_epoch + count,
+            steps_per_epoch=length,
+            shuffle=False,  # the dataset shuffles
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        for key, values in fitted.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+    results = {
+        "steps": _step(trainer),
+        "start_step": start_step,
+        "train_seconds": round(time.time() - began, 1),
+        "replicas": strategy.num_replicas_in_sync,
+        "history": history,
+    }
+    if eval_data is not None:
+        results["eval"] = {k: float(v) for k, v in trainer.evaluate(eval_data, return_dict=True, verbose=0).items()}
+    model = getattr(trainer, "model", trainer)
+    os.makedirs(directory, exist_ok=True)
+    model.save(os.path.join(directory, "model.keras"))
+    _write_json(os.path.join(directory, "results.json"), results)
+    return results

@@ -1,0 +1,148 @@
+"""`Trainer`: gradient accumulation and clipping that hold under `tf.distribute`.
+
+Why: Keras optimizers accumulate gradients themselves
+(`gradient_accumulation_steps`) and clip them (`global_clipnorm`), but under
+`tf.distribute` (Keras 3.15) the first fails ("merge_call called while
+defining a new graph") and the second clips each replica's share of the
+gradient instead of the whole. `Trainer` splits each replica's batch into
+micro-batches inside one train step (as the official code) and clips the
+summed gradient, so k x batch B on one device, or one batch k*B over any number
+of replicas, gives the same update.
+"""
+
+import keras
+from keras import ops
+
+class Trainer(keras.Model):
+    """Trains `model` (TensorFlow backend): fit/evaluate/predict as usual.
+
+    Each train step takes one batch per replica, splits it into `accum_steps`
+    micro-batches, runs them one after the other (a while loop: only one
+    micro-batch's activations live at a time) and applies the optimizer once
+    with their mean gradient. With several replicas and a clipping optimizer
+    the gradient is summed over replicas before it is clipped, as on one
+    device. Save `trainer.model`, not the trainer.
+    """
+
+    def __init__(self, model, accum_steps=1, **kwargs):
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                "keras_vit.training.Trainer needs KERAS_BACKEND=tensorflow; on other backends use the "
+                "optimizer's own gradient_accumulation_steps."
+            )
+        if accum_steps < 1:
+            raise ValueError(f"accum_steps must be at least 1, got {accum_steps}.")
+        super().__init__(name=kwargs.pop("name", f"{model.name}_trainer"), **kwargs)
+        self.model = model
+        self.accum_steps = int(accum_steps)
+        # Train steps done, saved with the weights. Not optimizer.iterations:
+        # a LossScaleOptimizer does not count the steps it skips.
+        self.steps_done = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False, name="steps_done",
+            aggregation="only_first_replica",
+        )  # fmt: skip
+        self.built = model.built
+
+    def call(self, inputs, training=False):
+        return self.model(inputs, training=training)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 learns the batch shapes by reducing a first batch across
+        # replicas, which fails under MultiWorkerMirroredStrategy ("Attempt to
+        # convert a value (PerReplica...)"); a local replica's batch has them too.
+        import tensorflow as tf
+
+        if iterator is not None and self._distribute_strategy is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: self._distribute_strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues)
+                    else v,
+                    next(batches),
+                )
+                break
+        return super()._maybe_symbolic_build(data_batch=data_batch)
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = self.trainable_variables
+        k = self.accum_steps
+        if k == 1:
+            grads = self._micro_step(x, y, sample_weight, variables)
+        else:
+            def split(t):  # (batch, ...) -> (k, batch / k, ...)
+                return None if t is None else tf.reshape(t, tf.concat([[k, -1], tf.shape(t)[1:]], 0))
+
+            xs, ys, ws = tf.nest.map_structure(split, (x, y, sample_weight))
+
+            def body(i, summed):
+                def take(t):
+                    return None if t is None else tf.gather(t, i)
+
+                xi, yi, wi = tf.nest.map_structure(take, (xs, ys, ws))
+                return [s + g for s, g in zip(summed, self._micro_step(xi, yi, wi, variables))]
+
+            zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
+            grads = [g / k for g in ops.fori_loop(0, k, body, zeros)]
+        grads = self._clip_over_replicas(grads)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self.steps_done.assign_add(1)
+        return self._logs()
+
+    def test_step(self, data):
+        super().test_step(data)
+        return self._logs()
+
+    def _logs(self):
+        import tensorflow as tf
+
+        logs = self.get_metrics_result()
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3.15 averages each log over the workers with
+            # strategy.reduce("MEAN", v, axis=0), which needs an axis 0
+            # (tensorflow/tensorflow#72388): give the scalars one.
+            logs = tf.nest.map_structure(lambda v: tf.reshape(v, [1]), logs)
+        return logs
+
+    def _micro_step(self, x, y, sample_weight, variables):
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            # Already divided by the replica count, so that the optimizer's sum
+            # over replicas is the mean gradient.
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            scaled = self.optimizer.scale_loss(loss)  # mixed_float16's loss scale
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        for metric in self.metrics:
+            if metric.name == "loss":  # the loss Keras reports: this replica's mean
+                metric.update_state(loss * replicas, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+        self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return tape.gradient(scaled, variables)
+
+    def _clip_over_replicas(self, grads):
+        """Clips the replicas' summed gradient; returns each replica's share.
+
+        The optimizer sums the replicas' gradients after clipping them; here the
+        sum is taken first, clipped as the optimizer is configured to, and
+        split again (1/R each), so the optimizer's own clipping then finds
+        nothing left to clip.
+        """
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync if context is not None else 1
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)  # under a LossScaleOptimizer
+        if replicas == 1 or not (inner.global_clipnorm or inner.clipnorm or inner.clipvalue):
+            return grads
+        loss_scale = self.optimizer.scale_loss(1.0)  # gradients are scaled by it until the optimizer unscales
+        total = [g / loss_scale for g in context.all_reduce(tf.distribute.ReduceOp.SUM, grads)]
+        if inner.global_clipnorm:
+            total, _ = tf.clip_by_global_norm(total, inner.global_clipnorm)
+        if inner.clipnorm:
+            total = [tf.clip_by_norm(g, inner.clipnorm) for g in total]
+        if inner.clipvalue:
+            total = [tf.clip_by_value(g, -inner.clipvalue, inner.clipvalue) for g in total]
+        return [g * loss_scale / replicas for g in total]
