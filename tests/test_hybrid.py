@@ -20,7 +20,7 @@ import pytest
 
 import harness
 import keras_vit
-from keras_vit import hybrid
+from keras_vit import hybrid, npz
 from keras_vit.models import CONSTRUCTORS, variant_config
 from keras_vit.sizes import parameter_count
 from keras_vit.testing import official_arrays, resnet_arrays, write_checkpoint
