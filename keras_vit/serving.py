@@ -74,10 +74,9 @@ def export_for_serving(
         The path of the written version folder.
     """
     _require_tensorflow_backend()
-    plan = _plan(model, class_names, top_k, model_takes_pixels)  # every refusal happens before any write
+    plan = _plan(model, class_names, top_k, model_takes_pixels)  # checks everything, writes nothing
     version_dir, _ = _version_dir(export_dir, version, overwrite)
-    graph = _ServingGraph(model, plan)  # alive while its methods are traced
-    module = _saveable(graph.functions(), plan.class_names)
+    module = _saveable(_ServingGraph(model, plan).functions(), plan.class_names)
     _write_atomically(module, export_dir, version_dir)
     return version_dir
 
@@ -328,8 +327,8 @@ def _saveable(functions, class_names):
     for name, function in functions.items():
         setattr(module, name, function)
     # Track the tf.Variables the traced graphs read (as keras' ExportArchive
-    # does), not the keras wrappers around them: TF1-style loaders
-    # (TF Serving, saved_model_cli) only restore variables saved this way.
+    # does): tf.saved_model.save refuses untracked ones, and TF1-style loaders
+    # (TF Serving, saved_model_cli) restore only these, not keras' wrappers.
     traced = [function.get_concrete_function() for function in functions.values()]
     read = {id(v): v for function in traced for v in function.variables}
     module.model_variables = list(read.values())
