@@ -213,6 +213,7 @@ def _load_model(name, weights):
 
 
 def _run_predict(args):
+    import keras
     import numpy as np
 
     from keras_vit import labels as vit_labels
@@ -225,10 +226,7 @@ def _run_predict(args):
     classes = model.output_shape[-1]
     names = vit_labels.class_names(classes, args.labels or label_set)
     batch = _resize_images(images, model.input_shape[1:3])
-    scores = np.asarray(model.predict(batch, batch_size=8, verbose=0), dtype="float64")
-    if serving.outputs_are_logits(model):
-        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        scores /= scores.sum(axis=-1, keepdims=True)
+    scores = keras.ops.convert_to_numpy(serving.probabilities(model, model.predict(batch, batch_size=8, verbose=0)))
     if args.weights is None and not args.model.endswith(MODEL_FILE_SUFFIX):
         print(f"note: {args.model} has random weights, so these predictions mean nothing; "
               "pass --weights TAG (see `keras-vit list weights`).")

@@ -29,12 +29,16 @@ TF Serving runs graphs, so this module needs the TensorFlow backend; it
 imports TensorFlow only when called, so `import keras_vit` works without it.
 """
 
+import functools
 import os
 import shutil
+from typing import NamedTuple
 
 import keras
+from keras import ops
 
 from keras_vit import labels as vit_labels
+from keras_vit.layers import scale_pixels
 
 SIGNATURES = ("serving_default", "serve_pixels", "serve_float")
 DEFAULT_TOP_K = 5
@@ -69,143 +73,60 @@ def export_for_serving(
     Returns:
         The path of the written version folder.
     """
+    _require_tensorflow_backend()
+    plan = _plan(model, class_names, top_k, model_takes_pixels)  # checks everything, writes nothing
+    version_dir, _ = _version_dir(export_dir, version, overwrite)
+    module = _saveable(_ServingGraph(model, plan).functions(), plan.class_names)
+    _write_atomically(module, export_dir, version_dir)
+    return version_dir
+
+
+def probabilities(model, outputs):
+    """`model`'s outputs as float32 class probabilities: softmaxed over the
+    last axis when the model returns logits (`outputs_are_logits`), else as
+    they are. keras.ops, so the export's graph and `keras-vit predict` (numpy
+    in, a backend tensor out) share it."""
+    outputs = ops.cast(outputs, "float32")
+    return ops.softmax(outputs, axis=-1) if outputs_are_logits(model) else outputs
+
+
+def outputs_are_logits(model):
+    """Whether the model's last layer has no activation (logits, not
+    probabilities): the export and `keras-vit predict` then apply a softmax."""
+    activation = getattr(model.layers[-1], "activation", None)
+    return activation is None or getattr(activation, "__name__", "") == "linear"
+
+
+# ---------------------------------------------------------------------------
+# Step 1: what to export (checks the model and arguments; writes nothing)
+# ---------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+    height: int
+    width: int
+    class_names: list
+    top_k: int
+    model_takes_pixels: bool
+
+
+def _require_tensorflow_backend():
     if keras.backend.backend() != "tensorflow":
         raise ValueError(
             f"export_for_serving needs the TensorFlow backend (this is {keras.backend.backend()!r}): "
             "save the model as .keras and run `KERAS_BACKEND=tensorflow keras-vit export MODEL.keras EXPORT_DIR`."
         )
-    import tensorflow as tf
 
+
+def _plan(model, class_names, top_k, model_takes_pixels):
     height, width, classes = _classifier_shape(model)
     names = _class_names(class_names, classes)
     top_k = int(top_k)
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}.")
-    top_k = min(top_k, classes)
     if model_takes_pixels is None:
         model_takes_pixels = any(isinstance(layer, keras.layers.Rescaling) for layer in model.layers)
-    logits = outputs_are_logits(model)
-    version_dir, version = _version_dir(export_dir, version, overwrite)
-
-    label_table = tf.constant(names, dtype=tf.string)
-
-    def classify(images):
-        """float32 (batch, H, W, 3) in the model's own input range -> outputs."""
-        scores = tf.cast(model(images, training=False), tf.float32)
-        if logits:
-            scores = tf.nn.softmax(scores, axis=-1)
-        best = tf.math.top_k(scores, k=top_k)
-        return {
-            "probabilities": scores,
-            "top_k_scores": best.values,
-            "top_k_indices": best.indices,
-            "top_k_labels": tf.gather(label_table, best.indices),
-        }
-
-    def classify_pixels(pixels):
-        """float32 [0, 255] pixels of any size -> outputs."""
-        pixels = tf.image.resize(pixels, (height, width), method="bilinear")
-        if not model_takes_pixels:
-            pixels = pixels / 127.5 - 1.0  # keras_vit.preprocess_inputs
-        return classify(pixels)
-
-    # Loaded signatures and TF Serving do not check inputs against the
-    # signature, so the specs leave shapes open (a known rank would let the
-    # graph optimiser fold these checks away) and each check is in the graph,
-    # run in order, with a message naming the problem.
-    def checked(images, name, rank, channels=None, size=None):
-        checks = [
-            (lambda shape: tf.equal(tf.size(shape), rank), f"{name}: expected {_SHAPES[name]}, got shape"),
-            (lambda shape: shape[0] > 0, f"{name}: empty batch; send at least one image"),
-        ]
-        if channels is not None:
-            checks.append((
-                lambda shape: tf.equal(shape[-1], channels),
-                f"{name}: images must have {channels} (RGB) channels, got shape",
-            ))
-        if size is not None:
-            checks.append((
-                lambda shape: tf.reduce_all(tf.equal(shape[1:3], size)),
-                f"{name}: images must be {size[0]}x{size[1]} (resize them, or use serve_pixels), got shape",
-            ))
-        previous = []
-        for condition, message in checks:
-            with tf.control_dependencies(previous):
-                shape = tf.shape(images)
-                previous = [tf.debugging.Assert(condition(shape), [message, shape])]
-        with tf.control_dependencies(previous):
-            return tf.identity(images)
-
-    def decode(encoded):
-        is_image = tf.debugging.Assert(
-            _is_image_file(encoded),
-            ["serving_default: input is not a JPEG, PNG, GIF or BMP image; its first bytes:",
-             tf.strings.substr(encoded, 0, 8)],
-        )
-        with tf.control_dependencies([is_image]):
-            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        image = tf.image.resize(image, (height, width), method="bilinear")
-        return tf.ensure_shape(image, (height, width, 3))
-
-    @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name="images")])
-    def serving_default(images):
-        images = tf.ensure_shape(checked(images, "serving_default", rank=1), (None,))
-        pixels = tf.map_fn(decode, images, fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32))
-        return classify_pixels(pixels)
-
-    @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name="images")])
-    def serve_pixels(images):
-        images = checked(images, "serve_pixels", rank=4, channels=3)
-        return classify_pixels(tf.cast(tf.ensure_shape(images, (None, None, None, 3)), tf.float32))
-
-    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
-    def serve_float(images):
-        # The size is fixed: these values go to the model untouched.
-        images = checked(images, "serve_float", rank=4, channels=3, size=(height, width))
-        return classify(tf.ensure_shape(images, (None, height, width, 3)))
-
-    module = tf.Module()
-    signatures = {}
-    for name, function in zip(SIGNATURES, (serving_default, serve_pixels, serve_float)):
-        setattr(module, name, function)
-        signatures[name] = function.get_concrete_function()
-    # Track the tf.Variables the traced graphs read (as keras' ExportArchive
-    # does), not the keras wrappers around them: TF1-style loaders
-    # (TF Serving, saved_model_cli) only restore variables saved this way.
-    captured = {id(v): v for function in signatures.values() for v in function.variables}
-    module.model_variables = list(captured.values())
-    module.class_names = tf.Variable(names, trainable=False, name="class_names")
-
-    # Written next to the final folder and renamed into place: TF Serving
-    # polls the folder and must never see a half-written version.
-    partial_dir = os.path.join(export_dir, f".partial-{version}-{os.getpid()}")
-    shutil.rmtree(partial_dir, ignore_errors=True)
-    try:
-        tf.saved_model.save(module, partial_dir, signatures=signatures)
-        if os.path.exists(version_dir):  # overwrite=True
-            shutil.rmtree(version_dir)
-        os.replace(partial_dir, version_dir)
-    finally:
-        shutil.rmtree(partial_dir, ignore_errors=True)
-    return version_dir
-
-
-_SHAPES = {
-    "serving_default": "a rank-1 (batch,) vector of encoded images",
-    "serve_pixels": "a rank-4 (batch, height, width, 3) uint8 batch",
-    "serve_float": "a rank-4 (batch, height, width, 3) float32 batch",
-}
-
-# The first bytes of each format tf.io.decode_image reads.
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
-
-
-def _is_image_file(encoded):
-    import tensorflow as tf
-
-    return tf.reduce_any(
-        [tf.strings.substr(encoded, 0, len(magic)) == magic for magic in _IMAGE_MAGIC]
-    )
+    return _Plan(height, width, names, min(top_k, classes), bool(model_takes_pixels))
 
 
 def _classifier_shape(model):
@@ -236,13 +157,6 @@ def _class_names(class_names, classes):
     return names
 
 
-def outputs_are_logits(model):
-    """Whether the model's last layer has no activation (logits, not
-    probabilities): the export and `keras-vit predict` then apply a softmax."""
-    activation = getattr(model.layers[-1], "activation", None)
-    return activation is None or getattr(activation, "__name__", "") == "linear"
-
-
 def _version_dir(export_dir, version, overwrite):
     os.makedirs(export_dir, exist_ok=True)
     if version is None:
@@ -257,3 +171,184 @@ def _version_dir(export_dir, version, overwrite):
             f"{version_dir} already exists; choose another version or pass overwrite=True (--overwrite)."
         )
     return version_dir, version
+
+
+# ---------------------------------------------------------------------------
+# Step 2: the three signatures' graphs
+# ---------------------------------------------------------------------------
+
+# Loaded signatures and TF Serving do not check inputs against the signature,
+# so the specs leave even the rank open (a known rank would let the graph
+# optimiser fold the checks away) and `_check_input` checks in the graph.
+_INPUT_DTYPES = {"serving_default": "string", "serve_pixels": "uint8", "serve_float": "float32"}
+
+_SHAPES = {
+    "serving_default": "a rank-1 (batch,) vector of encoded images",
+    "serve_pixels": "a rank-4 (batch, height, width, 3) uint8 batch",
+    "serve_float": "a rank-4 (batch, height, width, 3) float32 batch",
+}
+
+# The first bytes of each format tf.io.decode_image reads.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+
+
+class _ServingGraph:
+    """The bodies of the three signatures for one model, each a named step."""
+
+    def __init__(self, model, plan):
+        import tensorflow as tf
+
+        self.model = model
+        self.plan = plan
+        # One eager constant, captured (and saved) once for all signatures.
+        self.label_table = tf.constant(plan.class_names, dtype=tf.string)
+
+    def functions(self):
+        """{name: tf.function} for SIGNATURES, each taking one `images` tensor."""
+        import tensorflow as tf
+
+        bodies = {"serving_default": self.serve_encoded, "serve_pixels": self.serve_pixels,
+                  "serve_float": self.serve_float}
+        return {
+            name: tf.function(bodies[name], input_signature=[tf.TensorSpec(None, _INPUT_DTYPES[name], name="images")])
+            for name in SIGNATURES
+        }
+
+    def serve_encoded(self, images):
+        """serving_default: string (batch,) encoded image files -> outputs."""
+        import tensorflow as tf
+
+        height, width = self.plan.height, self.plan.width
+        images = tf.ensure_shape(_check_input(images, "serving_default", rank=1), (None,))
+        pixels = tf.map_fn(
+            functools.partial(_decode_image, size=(height, width)), images,
+            fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32),
+        )
+        return self.classify_pixels(pixels)
+
+    def serve_pixels(self, images):
+        """serve_pixels: uint8 (batch, any height, any width, 3) -> outputs."""
+        import tensorflow as tf
+
+        images = _check_input(images, "serve_pixels", rank=4, channels=3)
+        return self.classify_pixels(tf.cast(tf.ensure_shape(images, (None, None, None, 3)), tf.float32))
+
+    def serve_float(self, images):
+        """serve_float: float32 at the model's size, given to the model untouched -> outputs."""
+        import tensorflow as tf
+
+        height, width = self.plan.height, self.plan.width
+        images = _check_input(images, "serve_float", rank=4, channels=3, size=(height, width))
+        return self.classify(tf.ensure_shape(images, (None, height, width, 3)))
+
+    def classify_pixels(self, pixels):
+        """float32 [0, 255] pixels of any size -> resized, scaled as the model expects -> outputs."""
+        import tensorflow as tf
+
+        pixels = tf.image.resize(pixels, (self.plan.height, self.plan.width), method="bilinear")
+        return self.classify(pixels if self.plan.model_takes_pixels else scale_pixels(pixels))
+
+    def classify(self, images):
+        """float32 (batch, H, W, 3) in the model's own input range -> the four outputs."""
+        import tensorflow as tf
+
+        scores = probabilities(self.model, self.model(images, training=False))
+        best = tf.math.top_k(scores, k=self.plan.top_k)
+        return {
+            "probabilities": scores,
+            "top_k_scores": best.values,
+            "top_k_indices": best.indices,
+            "top_k_labels": tf.gather(self.label_table, best.indices),
+        }
+
+
+def _check_input(images, name, rank, channels=None, size=None):
+    """`images` once its rank, batch, channels and size are as signature `name`
+    needs; else the graph fails with a message naming the problem. Each check
+    runs after the previous one (a rank-0 input has no batch to look at)."""
+    import tensorflow as tf
+
+    checks = [
+        (lambda shape: tf.equal(tf.size(shape), rank), f"{name}: expected {_SHAPES[name]}, got shape"),
+        (lambda shape: shape[0] > 0, f"{name}: empty batch; send at least one image"),
+    ]
+    if channels is not None:
+        checks.append((
+            lambda shape: tf.equal(shape[-1], channels),
+            f"{name}: images must have {channels} (RGB) channels, got shape",
+        ))
+    if size is not None:
+        checks.append((
+            lambda shape: tf.reduce_all(tf.equal(shape[1:3], size)),
+            f"{name}: images must be {size[0]}x{size[1]} (resize them, or use serve_pixels), got shape",
+        ))
+    previous = []
+    for condition, message in checks:
+        with tf.control_dependencies(previous):
+            shape = tf.shape(images)
+            previous = [tf.debugging.Assert(condition(shape), [message, shape])]
+    with tf.control_dependencies(previous):
+        return tf.identity(images)
+
+
+def _decode_image(encoded, size):
+    """One encoded image file -> float32 [0, 255] pixels, bilinearly resized to `size`."""
+    import tensorflow as tf
+
+    is_image = tf.debugging.Assert(
+        _is_image_file(encoded),
+        ["serving_default: input is not a JPEG, PNG, GIF or BMP image; its first bytes:",
+         tf.strings.substr(encoded, 0, 8)],
+    )
+    with tf.control_dependencies([is_image]):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image = tf.image.resize(image, size, method="bilinear")
+    return tf.ensure_shape(image, (*size, 3))
+
+
+def _is_image_file(encoded):
+    import tensorflow as tf
+
+    return tf.reduce_any(
+        [tf.strings.substr(encoded, 0, len(magic)) == magic for magic in _IMAGE_MAGIC]
+    )
+
+
+# ---------------------------------------------------------------------------
+# Step 3: the saved object, written atomically
+# ---------------------------------------------------------------------------
+
+
+def _saveable(functions, class_names):
+    """A tf.Module holding the signature functions, the variables they read and the class names."""
+    import tensorflow as tf
+
+    module = tf.Module()
+    for name, function in functions.items():
+        setattr(module, name, function)
+    # Track the tf.Variables the traced graphs read (as keras' ExportArchive
+    # does): tf.saved_model.save refuses untracked ones, and TF1-style loaders
+    # (TF Serving, saved_model_cli) restore only these, not keras' wrappers.
+    traced = [function.get_concrete_function() for function in functions.values()]
+    read = {id(v): v for function in traced for v in function.variables}
+    module.model_variables = list(read.values())
+    module.class_names = tf.Variable(class_names, trainable=False, name="class_names")
+    return module
+
+
+def _write_atomically(module, export_dir, version_dir):
+    """Saves `module` with its SIGNATURES next to `version_dir` and renames it
+    into place: TF Serving polls the folder and must never see a half-written
+    version."""
+    import tensorflow as tf
+
+    signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
+    partial_dir = os.path.join(export_dir, f".partial-{os.path.basename(version_dir)}-{os.getpid()}")
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    try:
+        tf.saved_model.save(module, partial_dir, signatures=signatures)
+        if os.path.exists(version_dir):  # overwrite=True
+            shutil.rmtree(version_dir)
+        os.replace(partial_dir, version_dir)
+    finally:
+        shutil.rmtree(partial_dir, ignore_errors=True)

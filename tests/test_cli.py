@@ -65,6 +65,9 @@ def files(tmp_path_factory):
     model = harness.tiny_vit()
     harness.randomize_head(model)
     model.save(folder / "tiny.keras")
+    logits_model = harness.tiny_vit(classifier_activation=None)  # the same weights, a head without softmax
+    logits_model.set_weights(model.get_weights())
+    logits_model.save(folder / "tiny_logits.keras")
     (folder / "names.txt").write_text("\n".join(TINY_NAMES) + "\n")
     return {"folder": str(folder), "not_an_image": str(not_an_image), "truncated": str(truncated),
             "model": model, "tiny": str(folder / "tiny.keras"), "names": str(folder / "names.txt")}
@@ -72,6 +75,9 @@ def files(tmp_path_factory):
 
 TINY_NAMES = ["apple", "bear", "cloud", "dune", "eel"]
 EXPORT = ["export", "tiny.keras", "exports/tiny", "--labels", "names.txt", "--top", "2"]
+# Every class of the tiny model with its softmax head, and of the same weights returning logits.
+PREDICT_ALL = {name: ["predict", *EXAMPLE_IMAGES, "--model", name, "--labels", "names.txt", "--top", "5"]
+               for name in ("tiny.keras", "tiny_logits.keras")}
 
 # Each: (command line, words the one-line error must contain).
 MISUSES = [
@@ -106,6 +112,7 @@ def batch(files, tmp_path_factory):
     command_lines = [[part.format(**values) for part in argv] for argv, _ in MISUSES]
     command_lines += [[name, "--help"] for name in SUBCOMMANDS] + [["--help"]]
     command_lines += [["list"], ["predict", *EXAMPLE_IMAGES, "--model", "ViT_Ti16", "--top", "3"], EXPORT]
+    command_lines += list(PREDICT_ALL.values())
     work = tmp_path_factory.mktemp("batch")
     (work / "argv.json").write_text(json.dumps(command_lines))
     (work / "driver.py").write_text(BATCH_DRIVER)
@@ -162,6 +169,23 @@ def test_predict_with_random_weights_says_so(batch):
     # a zero-initialised head gives every ImageNet class 1/1000
     assert {score for _, score, _ in ranks} == {"0.0010"}
     assert all(label for _, _, label in ranks)
+
+
+def test_predict_softmaxes_a_model_returning_logits(batch):
+    """A model returning logits prints the probabilities of the same weights
+    with a softmax head: the same classes in the same order, the same scores."""
+    printed = {}
+    for name, argv in PREDICT_ALL.items():
+        result = batch[0][tuple(argv)]
+        assert result["code"] == 0, result["stderr"]
+        printed[name] = re.findall(r"^  ([1-5])\. (-?\d+\.\d{4})  (\w+)$", result["stdout"], flags=re.MULTILINE)
+        assert len(printed[name]) == 5 * len(EXAMPLE_IMAGES), result["stdout"]
+    for softmax_line, logits_line in zip(printed["tiny.keras"], printed["tiny_logits.keras"]):
+        assert logits_line[0] == softmax_line[0] and logits_line[2] == softmax_line[2]
+        assert abs(float(logits_line[1]) - float(softmax_line[1])) <= 1.5e-4  # 4 printed decimals
+    for image in range(len(EXAMPLE_IMAGES)):
+        scores = [float(score) for _, score, _ in printed["tiny_logits.keras"][5 * image:5 * image + 5]]
+        assert abs(sum(scores) - 1.0) <= 5e-4 and min(scores) >= 0.0
 
 
 def test_console_script_and_module_entry_points(tmp_path):

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason=
 SHAPE = (32, 48, 3)
 NAMES = ["cat", "dog", "car", "tree", "boat"]
 TOLERANCE = 1e-5
+DEFAULT_K = serving.DEFAULT_TOP_K  # the "scaled" export's top_k (its 5 classes)
 EXAMPLE_IMAGE = os.path.join(os.path.dirname(__file__), "..", "examples", "images", "cat.jpg")
 
 
@@ -63,9 +64,14 @@ def loaded(exported):
     return tf.saved_model.load(exported["pixels"][1])
 
 
-def _softmax(logits):
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+@pytest.fixture(scope="module")
+def softmax_twin(exported):
+    """The logits model's weights in a model whose head applies the softmax."""
+    logits_model, _ = exported["scaled"]
+    twin = tiny_vit(input_shape=SHAPE, include_preprocessing=False)
+    twin.set_weights(logits_model.get_weights())
+    assert not serving.outputs_are_logits(twin) and serving.outputs_are_logits(logits_model)
+    return twin
 
 
 FRESH_PROCESS = textwrap.dedent(
@@ -159,16 +165,17 @@ def test_fresh_process_uint8_and_rest_bytes_match_predict(exported, fresh_proces
     assert np.abs(outputs["pixels/bytes:probabilities"] - expected).max() <= TOLERANCE
 
 
-def test_fresh_process_model_without_preprocessing(exported, fresh_process_outputs):
+def test_fresh_process_model_without_preprocessing(fresh_process_outputs, softmax_twin):
     """A model taking [-1, 1] and returning logits: float input goes in as it
-    is, uint8 pixels are scaled in the graph, outputs are softmaxed."""
+    is, uint8 pixels are scaled in the graph, and the probabilities are those
+    of the same weights with a softmax head."""
     inputs, outputs = fresh_process_outputs
-    model, _ = exported["scaled"]
-    expected = _softmax(model.predict(inputs["scaled_float"], verbose=0))
+    expected = softmax_twin.predict(inputs["scaled_float"], verbose=0)
     assert np.abs(outputs["scaled/float:probabilities"] - expected).max() <= TOLERANCE
     scaled = keras.ops.convert_to_numpy(keras_vit.preprocess_inputs(inputs["uint8"]))
-    expected = _softmax(model.predict(scaled, verbose=0))
+    expected = softmax_twin.predict(scaled, verbose=0)
     assert np.abs(outputs["scaled/uint8:probabilities"] - expected).max() <= TOLERANCE
+    np.testing.assert_allclose(outputs["scaled/uint8:top_k_scores"], -np.sort(-expected)[:, :DEFAULT_K], atol=TOLERANCE)
     np.testing.assert_allclose(outputs["scaled/uint8:probabilities"].sum(axis=-1), 1.0, rtol=1e-5)
     assert outputs["scaled/uint8:top_k_labels"][0, 0].decode().startswith("class_")
 
