@@ -1,7 +1,9 @@
 """Every architecture in harness.ARCHITECTURES through every harness check,
-plus the constructors' parameter counts against the official configurations."""
+plus the constructors' parameter counts against the official configurations,
+and the multiply-accumulates formula against a count of the traced forward pass."""
 
 import inspect
+import math
 
 import keras
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 import harness
 import keras_vit
-from keras_vit.sizes import parameter_count
+from keras_vit.sizes import multiply_accumulates, parameter_count
 
 pytestmark = pytest.mark.multibackend
 
@@ -98,3 +100,161 @@ def test_input_tensor():
 def test_bad_arguments_get_clear_errors(kwargs, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")):
         harness.tiny_vit(**kwargs)
+
+
+# --- multiply-accumulates: keras_vit.sizes.multiply_accumulates against the traced forward pass ---
+#
+# The count below is independent of the formula: it traces the model's forward
+# pass (a TensorFlow graph, or a JAX jaxpr) and adds up the multiply-accumulates
+# of every matrix product and convolution in it, from the shapes the backend
+# gives each operation. The formula counts exactly these (and nothing else: the
+# additions of biases and residuals, normalisations, softmax and GELU are left
+# out), so the two must agree exactly.
+
+# Operation types that are matrix products or convolutions but that the graph
+# count does not know: finding one fails the test instead of leaving it uncounted.
+_TF_COUNTED = {"MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "Conv2D"}
+_TF_CALLS = {"PartitionedCall", "StatefulPartitionedCall", "While", "StatelessWhile", "If", "StatelessIf"}
+
+
+def _tf_op_macs(op):
+    shape = lambda tensor: [int(d) for d in tensor.shape]  # noqa: E731 (static: fixed batch)
+    out = shape(op.outputs[0])
+    if op.type == "MatMul":
+        a = shape(op.inputs[0])
+        return math.prod(out) * a[0 if op.get_attr("transpose_a") else 1]
+    if op.type.startswith("BatchMatMul"):
+        a = shape(op.inputs[0])
+        return math.prod(out) * a[-2 if op.get_attr("adj_x") else -1]
+    if op.type == "Einsum":
+        # every index appears once in the loop nest: the product of all distinct index sizes
+        equation = op.get_attr("equation").decode()
+        operands = equation.split("->")[0].split(",")
+        assert "." not in equation, f"ellipsis einsum {equation!r}: not counted"
+        sizes = {}
+        for letters, tensor in zip(operands, op.inputs):
+            for letter, size in zip(letters, shape(tensor)):
+                assert sizes.setdefault(letter, size) == size, equation
+        return math.prod(sizes.values())
+    if op.type == "Conv2D":
+        # each output element: kernel height x kernel width x input channels (per group)
+        kernel_height, kernel_width, channels, _ = shape(op.inputs[1])
+        return math.prod(out) * kernel_height * kernel_width * channels
+    raise AssertionError(op.type)
+
+
+def _tensorflow_traced_macs(model, batch_shape):
+    import tensorflow as tf
+
+    @tf.autograph.experimental.do_not_convert
+    def forward(images):
+        return model(images, training=False)
+
+    graph = tf.function(forward).get_concrete_function(tf.TensorSpec(batch_shape, tf.float32)).graph
+    total = 0
+    for op in graph.get_operations():
+        assert op.type not in _TF_CALLS, f"{op.type} in the forward graph: its body would go uncounted"
+        if op.type in _TF_COUNTED:
+            total += _tf_op_macs(op)
+        else:
+            assert not any(word in op.type for word in ("MatMul", "Conv", "Einsum")), f"uncounted {op.type}"
+    return total
+
+
+def _jaxpr_macs(jaxpr):
+    from jax.extend.core import jaxprs_in_params
+
+    total = 0
+    for equation in jaxpr.eqns:
+        name = equation.primitive.name
+        shapes = [tuple(var.aval.shape) for var in equation.invars]
+        if name == "dot_general":
+            (lhs_contract, rhs_contract), (_, rhs_batch) = equation.params["dimension_numbers"]
+            lhs, rhs = shapes
+            free = [size for axis, size in enumerate(rhs) if axis not in rhs_contract and axis not in rhs_batch]
+            total += math.prod(lhs) * math.prod(free)
+        elif name == "conv_general_dilated":
+            kernel = shapes[1]
+            out_features = kernel[equation.params["dimension_numbers"].rhs_spec[0]]
+            total += math.prod(equation.outvars[0].aval.shape) * math.prod(kernel) // out_features
+        else:
+            assert name not in ("while", "scan", "cond"), f"{name} in the jaxpr: a loop body is not counted once"
+            convolution = name.startswith("conv") and not name.startswith("convert")
+            assert "dot" not in name and not convolution, f"uncounted primitive {name}"
+        for inner in jaxprs_in_params(equation.params):
+            total += _jaxpr_macs(inner)
+    return total
+
+
+def _jax_traced_macs(model, batch_shape):
+    import jax
+
+    closed = jax.make_jaxpr(lambda images: model(images, training=False))(np.zeros(batch_shape, "float32"))
+    return _jaxpr_macs(closed.jaxpr)
+
+
+def traced_macs(model, batch=2):
+    """Multiply-accumulates of the matmuls and convolutions of `batch` images' forward pass."""
+    batch_shape = (batch,) + tuple(model.input_shape[1:])
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return _tensorflow_traced_macs(model, batch_shape)
+    if backend == "jax":
+        return _jax_traced_macs(model, batch_shape)
+    pytest.skip(f"the forward pass is traced on TensorFlow and JAX, not {backend}")
+
+
+# A hybrid whose ResNet has two stages and an input that is no multiple of its
+# stride: 36 -> 18 (root conv) -> 9 (pool) -> 9 -> 5 (SAME padding rounds up).
+TWO_STAGE_RESNET = dict(block_sizes=(1, 1), width_factor=0.5)
+
+TRACED = {
+    "vit": (lambda: harness.tiny_vit(), dict(harness.TINY_VIT, image_size=32, classes=5)),
+    "hybrid": (lambda: harness.tiny_hybrid(),
+               dict(harness.TINY_VIT, patch_size=2, image_size=32, classes=5, **harness.TINY_RESNET)),
+    "hybrid_two_stages_odd_size": (
+        lambda: harness.tiny_vit((36, 36, 3), patch_size=1, stem=keras_vit.hybrid.stem_builder(**TWO_STAGE_RESNET)),
+        dict(harness.TINY_VIT, patch_size=1, image_size=36, classes=5, **TWO_STAGE_RESNET),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(TRACED))
+def test_multiply_accumulates_equal_the_traced_forward_pass(name):
+    build, config = TRACED[name]
+    model = build()
+    harness.randomize_head(model)
+    assert model.count_params() == parameter_count(**config)  # the config describes this model
+    assert traced_macs(model, batch=2) == 2 * multiply_accumulates(**config)
+
+
+def test_multiply_accumulates_of_a_full_size_hybrid_equal_the_traced_forward_pass():
+    # R50+ViT-B/16: three ResNet stages, and ViT-B/16's Transformer on the same 197 tokens
+    model = keras_vit.R50_ViT_B16(weights=None)
+    assert traced_macs(model, batch=1) == multiply_accumulates(**keras_vit.R50_ViT_B16.config)
+
+
+def test_multiply_accumulates_of_vit_b16_match_the_published_figure():
+    # Published: 17.58 GMACs for timm's vit_base_patch16_224 (the same model:
+    # 86.57 M parameters) at 224x224, the infer_gmacs column of timm's benchmark
+    # table (huggingface/pytorch-image-models, results/benchmark-infer-amp-nchw-
+    # pt240-cu124-rtx4090.csv, counted with fvcore); torchvision gives 17.564
+    # for vit_b_16 (ViT_B_16_Weights.IMAGENET1K_V1.meta["_ops"], "GFLOPS" that
+    # count a multiply-add once). fvcore also counts LayerNorm (5 operations per
+    # element, about 0.02 G here), which the formula leaves out.
+    # FLOPs (2x, 35.1 G) must not pass for MACs.
+    gmacs = multiply_accumulates(**keras_vit.ViT_B16.config) / 1e9
+    assert gmacs == pytest.approx(17.58, rel=0.01)
+
+
+def test_constructors_table_shows_the_multiply_accumulates(capsys):
+    from keras_vit import cli
+
+    assert cli.main(["list", "models"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.endswith("GMACs @224")
+    table = {row.split()[0]: row.split()[-1] for row in rows}
+    assert set(table) == set(keras_vit.models.CONSTRUCTORS)
+    for name, constructor in keras_vit.models.CONSTRUCTORS.items():
+        assert float(table[name]) == pytest.approx(multiply_accumulates(**constructor.config) / 1e9, abs=0.05), name
+    assert float(table["ViT_B16"]) == pytest.approx(17.58, rel=0.01)  # the published figure, above

@@ -3,11 +3,13 @@ hand-built attention patterns with known answers."""
 
 import sys
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
 
 import harness
+import keras_vit
 from keras_vit import visualize
 
 # numpy on top of keras_vit.attention_model: the same numbers on every backend
@@ -42,16 +44,90 @@ def test_rollout_of_self_attention_is_identity_and_mixing_is_multiplied():
     np.testing.assert_allclose(visualize.attention_rollout([to_first, to_first])[0], one_block @ one_block)
 
 
-@pytest.mark.parametrize("architecture", sorted(harness.ARCHITECTURES))
-def test_rollout_maps_for_any_model_and_non_square_input(architecture):
-    model = harness.ARCHITECTURES[architecture](input_shape=(32, 48, 3))
-    maps = visualize.attention_rollout_maps(model, harness.images(2, shape=(32, 48, 3)))
-    rows, cols = model.get_layer("position_embedding").grid_size
-    assert maps.shape == (2, rows, cols) and cols > rows
-    np.testing.assert_allclose(maps.max(axis=(1, 2)), 1.0)
-    # the maps are the class-token row of the rollout of the model's own attention
-    attentions = visualize.attention_weights(model, harness.images(2, shape=(32, 48, 3)))
-    np.testing.assert_allclose(visualize.attention_rollout(attentions).sum(axis=-1), 1.0, atol=1e-6)
+# --- the model's attention and its rollout, recomputed in numpy from the weights ---------------
+
+
+def _randomize(model, seed=2):
+    """Random weights everywhere (LayerNorm scales and offsets, biases, class
+    token, head included), large enough that attention is far from uniform."""
+    rng = np.random.default_rng(seed)
+    for weight in model.weights:
+        value = keras.ops.convert_to_numpy(weight)
+        weight.assign((value + rng.normal(0, 0.3, value.shape)).astype(value.dtype))
+    harness.randomize_head(model)
+
+
+def _layer_norm(x, gamma, beta, epsilon=1e-6):  # the official Flax LayerNorm
+    mean = x.mean(axis=-1, keepdims=True)
+    variance = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(variance + epsilon) * gamma + beta
+
+
+def _numpy_attention(model, images):
+    """Each block's attention probabilities, (batch, heads, tokens, tokens),
+    recomputed from the block's input tokens (feature_extractor: the position-
+    embedded tokens, then each block's output) and its own norm1, query and key
+    weights: softmax over keys of q . k / sqrt(head width), per head."""
+    features = {key: keras.ops.convert_to_numpy(value) for key, value in keras_vit.feature_extractor(model)(images).items()}
+    names = sorted(key for key in features if key.startswith("block_"))
+    block_inputs = [features["with_posemb"]] + [features[name] for name in names[:-1]]
+    weights = {w.path: keras.ops.convert_to_numpy(w).astype(np.float64) for w in model.weights}
+    attentions = []
+    for name, tokens in zip(names, block_inputs):
+        x = _layer_norm(tokens.astype(np.float64), weights[f"{name}/norm1/gamma"], weights[f"{name}/norm1/beta"])
+        # kernels (width, heads, head width), biases (heads, head width)
+        q = np.einsum("btw,whd->bthd", x, weights[f"{name}/attention/query/kernel"]) + weights[f"{name}/attention/query/bias"]
+        k = np.einsum("btw,whd->bthd", x, weights[f"{name}/attention/key/kernel"]) + weights[f"{name}/attention/key/bias"]
+        scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        attentions.append(scores / scores.sum(axis=-1, keepdims=True))
+    return attentions
+
+
+def _numpy_rollout_maps(attentions, grid_size):
+    """Abnar & Zuidema (2020), image by image: per block the head mean, mixed
+    half and half with the identity (the residual) and rows renormalised; the
+    blocks multiplied, last block leftmost (token flow from input to output);
+    the class token's row over the patches, as a (rows, cols) grid, max 1."""
+    maps = []
+    for image in range(len(attentions[0])):
+        mixed = []
+        for attention in attentions:
+            mean = attention[image].mean(axis=0)
+            residual = 0.5 * mean + 0.5 * np.eye(len(mean))
+            mixed.append(residual / residual.sum(axis=1, keepdims=True))
+        flow = np.linalg.multi_dot(mixed[::-1]) if len(mixed) > 1 else mixed[0]
+        grid = flow[0, 1:].reshape(grid_size)
+        maps.append(grid / grid.max())
+    return np.stack(maps)
+
+
+@pytest.mark.parametrize(
+    "architecture, shape",
+    [("vit", (32, 32, 3)), ("vit", (32, 48, 3)), ("hybrid", (32, 48, 3))],
+    ids=["vit-square", "vit-non_square", "hybrid-non_square"],
+)
+def test_attention_and_rollout_maps_equal_a_numpy_recomputation(architecture, shape):
+    model = harness.ARCHITECTURES[architecture](input_shape=shape, depth=3)
+    _randomize(model)
+    images = harness.images(3, shape=shape)
+    expected = _numpy_attention(model, images)
+
+    # attention_model: the model's own attention probabilities
+    attentions = [keras.ops.convert_to_numpy(a) for a in keras_vit.attention_model(model)(images)]
+    assert len(attentions) == len(expected) == 3
+    for got, want in zip(attentions, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert max(a.max() for a in expected) > 0.5, "attention is near uniform: the comparison would see little"
+
+    # attention_rollout_maps (and so `keras-vit predict --explain`): the rollout of that attention
+    grid_size = model.get_layer("position_embedding").grid_size
+    assert grid_size == (shape[0] // 8, shape[1] // 8)
+    want = _numpy_rollout_maps(expected, grid_size)
+    got = visualize.attention_rollout_maps(model, images)
+    assert got.shape == want.shape == (3,) + grid_size
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.ptp(want, axis=(1, 2)).min() > 0.05, "flat maps: the comparison would see little"
 
 
 def test_rollout_maps_without_class_token_average_all_rows():
