@@ -285,7 +285,7 @@ def _constructor(variant):
             application_args=APPLICATION_ARGS.format(multiple=stride * config["patch_size"]),
         )
         function.variant = variant
-        function.config = config  # the keywords of keras_vit.sizes.parameter_count and gmacs
+        function.config = config  # the keywords of keras_vit.sizes.parameter_count and multiply_accumulates
         return function
 
     return decorate
