@@ -165,3 +165,40 @@ def test_features_under_a_mirrored_strategy_equal_one_device():
                           timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "same features on 2 replicas" in done.stdout
+
+
+def test_cli_evaluate_prints_the_few_shot_table(tmp_path, capsys):
+    import json
+
+    from keras_vit import cli
+
+    keras.utils.set_random_seed(0)
+    model = harness.tiny_vit(input_shape=(16, 16, 3), patch_size=4, classes=10)
+    path = str(tmp_path / "tiny.keras")
+    model.save(path)
+    out = str(tmp_path / "fewshot.json")
+    assert cli.main(["evaluate", path, "--dataset", "digits", "--shots", "1,5", "--seeds", "2", "--output", out]) == 0
+    printed = capsys.readouterr().out
+    saved = json.load(open(out))["digits"]
+    assert "mean ± std over 2 seed(s)" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("digits"))
+    assert f"{100 * saved['mean']['5']:.2f} ± {100 * saved['std']['5']:.2f}" in row
+    expected = evaluation.few_shot(model, ["digits"], shots=(1, 5), seeds=(0, 1), verbose=0)["digits"]
+    assert saved["per_seed"]["1"]["5"] == expected["per_seed"][1][5]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "ViT_Ti16"], "give --dataset NAME"),
+    (["evaluate", "ViT_Ti16", "--dataset", "digits", "--shots", "1,x"], "expected whole numbers"),
+    (["evaluate", "ViT_Ti16", "--dataset", "digits", "--shots", "0"], "expected positive whole numbers"),
+    (["evaluate", "nope.keras", "--dataset", "digits"], "nope.keras: no such model file"),
+])
+def test_cli_evaluate_misuse_is_one_line(argv, message, capsys):
+    from keras_vit import cli
+
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and len(err.strip().splitlines()) <= 2, err
