@@ -112,6 +112,32 @@ def source(dataset, split="train", data_dir=None, tfds_split=None, download=True
     )
 
 
+SUBSET_SEED = 0  # fixed: a subset never depends on a training seed
+
+
+def subset(source, num_examples):
+    """The first `num_examples` of `source` in one fixed shuffled order.
+
+    Nested (the 1,000-example subset holds the 300-example one) and the same
+    for every model and training seed: the paper's data-size study (§4.3)
+    pre-trains on such subsets. The order is a shuffle with a fixed seed
+    (buffer: the whole source up to 50,000 examples), so an image folder,
+    read class by class, gives a mixed subset.
+    """
+    total = source.num_examples
+    if num_examples < 1 or (total is not None and num_examples > total):
+        raise ValueError(f"Cannot take {num_examples} examples of {source.name} ({total or 'unknown'} in its "
+                         f"{source.split} split): use 1..{total}.")
+    buffer = min(total or MAX_SHUFFLE_BUFFER, MAX_SHUFFLE_BUFFER)
+
+    def read(shuffle_files, seed):
+        del shuffle_files, seed  # the subset is fixed; the training pipeline shuffles it
+        ds = source.read(False, SUBSET_SEED)
+        return ds.shuffle(buffer, seed=SUBSET_SEED, reshuffle_each_iteration=False).take(num_examples)
+
+    return dataclasses.replace(source, num_examples=num_examples, read=read)
+
+
 # ---------------------------------------------------------------------------
 # TensorFlow Datasets
 # ---------------------------------------------------------------------------

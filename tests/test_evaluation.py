@@ -1,5 +1,6 @@
 """Few-shot linear evaluation: the solver against a direct solve, nested shots, the paper's representation."""
 
+import json
 import os
 import subprocess
 import sys
@@ -202,3 +203,43 @@ def test_cli_evaluate_misuse_is_one_line(argv, message, capsys):
         status = exit.code
     err = capsys.readouterr().err
     assert status == 2 and message in err and len(err.strip().splitlines()) <= 2, err
+
+
+def test_subsets_are_nested_and_independent_of_the_training_seed():
+    source = data.source("digits", "train")
+    small, large = data.subset(source, 100), data.subset(source, 300)
+    labels = lambda s, seed: np.array([int(y) for _, y in s.read(True, seed)])  # noqa: E731
+    images = lambda s: np.stack([x.numpy() for x, _ in s.read(True, 0)])  # noqa: E731
+    assert small.num_examples == 100 and len(labels(small, 0)) == 100
+    np.testing.assert_array_equal(images(large)[:100], images(small))  # nested
+    np.testing.assert_array_equal(labels(small, 0), labels(small, 7))  # not the training seed's
+    assert len(set(labels(small, 0))) == 10  # a shuffled draw: every class, not the first ones
+    with pytest.raises(ValueError, match=r"Cannot take 5000 examples of digits \(1437"):
+        data.subset(source, 5000)
+
+
+def test_scaling_example_end_to_end_on_a_tiny_budget(tmp_path):
+    import csv
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, os.path.join(root, "examples", "scaling.py"), "--models", "micro",
+            "--train_examples", "40,80", "--seeds", "0", "--steps", "4", "--batch_size", "16", "--shots", "1,2",
+            "--output_dir", str(tmp_path)]
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
+    assert [(r["model"], r["train_examples"], r["shots"]) for r in rows] == [
+        ("micro", "40", "1"), ("micro", "40", "2"), ("micro", "80", "1"), ("micro", "80", "2")]
+    with open(tmp_path / "scaling.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Each row is the few-shot accuracy of the model its run saved.
+    model = keras.saving.load_model(tmp_path / "micro" / "80" / "seed-0" / "model.keras")
+    expected = evaluation.few_shot(model, ["digits"], shots=(1, 2), verbose=0)["digits"]["mean"][2]
+    assert float(rows[3]["accuracy"]) == pytest.approx(expected, abs=1e-5)
+    results = json.load(open(tmp_path / "micro" / "80" / "seed-0" / "results.json"))
+    assert results["steps"] == 4
+    # Misuse: one line, exit 2
+    bad = subprocess.run(argv[:2] + ["--models", "huge"], capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert bad.returncode == 2 and "--models: unknown huge" in bad.stderr.strip().splitlines()[-1]
