@@ -11,6 +11,8 @@ model's input size and centre-cropped, as big_vision's
 `resize(256)|central_crop(224)`.
 """
 
+import weakref
+
 import numpy as np
 
 from keras_vit.evaluation.linear import DEFAULT_L2_REG, LinearFewShot, sample_shots
@@ -72,7 +74,6 @@ def features(model, dataset, strategy=None, verbose="auto"):
     The model runs through `predict` (tf.data prefetching, XLA as compiled,
     the strategy's replicas); the labels travel through it beside the images.
     """
-    import keras
     import tensorflow as tf
 
     def pair(images, labels):
@@ -80,21 +81,27 @@ def features(model, dataset, strategy=None, verbose="auto"):
             labels = tf.argmax(labels, axis=-1)
         return ((images, tf.cast(labels, tf.int32)),)
 
-    scope = strategy.scope() if strategy is not None else _no_scope()
-    with scope:
-        representation = representation_model(model)
-        labels_in = keras.Input(shape=(), dtype="int32", name="labels")
-        labelled = keras.Model([representation.input, labels_in], [representation.output, labels_in])
-    outputs, labels = labelled.predict(dataset.map(pair), verbose=verbose)
+    outputs, labels = _labelled_model(model, strategy).predict(dataset.map(pair), verbose=verbose)
     return np.asarray(outputs, np.float32), np.asarray(labels)
 
 
-class _no_scope:
-    def __enter__(self):
-        return self
+# One labelled model per (model, strategy): its traced predict function is reused by later calls.
+_LABELLED = weakref.WeakKeyDictionary()
 
-    def __exit__(self, *exc):
-        return False
+
+def _labelled_model(model, strategy):
+    """(images, labels) -> (representation, labels), sharing `model`'s weights."""
+    import contextlib
+
+    import keras
+
+    per_strategy = _LABELLED.setdefault(model, {})
+    if id(strategy) not in per_strategy:
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            representation = representation_model(model)
+            labels = keras.Input(shape=(), dtype="int32", name="labels")
+            per_strategy[id(strategy)] = keras.Model([representation.input, labels], [representation.output, labels])
+    return per_strategy[id(strategy)]
 
 
 def dataset_sources(name, data_dir=None):
