@@ -333,6 +333,9 @@ def test_run_fine_tunes_each_task_and_scores_its_test_split(metadata_dir, monkey
             details = results.details[name]
             assert details["steps"] == 3  # exactly the steps asked for
             assert details["train_examples"] == 1000
+            assert details["test_split"] == ("test" if name == "dtd" else "train[2160:]")  # 80% + 10% of 2400
+            assert details["train_split"] == ("train[:800]+validation[:200]" if name == "dtd"
+                                              else "train[:800]+train[1920:2120]")
             assert details["test_examples"] == (FAKE_SPLIT_SIZES["test"] if name == "dtd" else 240)
             assert model.output_shape[-1] == vtab.TASKS[name].num_classes
             model.compile(loss="categorical_crossentropy", metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])

@@ -399,7 +399,8 @@ def source(task, split, data_dir=None, download=True):
         download: let TFDS download and prepare a dataset it does not have.
 
     `keras_vit.data.train_dataset` and `eval_dataset` take it; its crop area
-    and flip are the task's (see `BIT_CROP_AREA`).
+    and flip are the task's (see `BIT_CROP_AREA`); its `tfds_split` is the
+    TFDS split string it reads.
     """
     import tensorflow as tf
     import tensorflow_datasets as tfds
@@ -427,8 +428,10 @@ def source(task, split, data_dir=None, download=True):
         )
         return ds.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE)
 
-    return data.Source(task.name, split, task.num_classes, num_examples, read,
-                       crop_area=task.crop_area(), flip=task.flip)
+    result = data.Source(task.name, split, task.num_classes, num_examples, read,
+                         crop_area=task.crop_area(), flip=task.flip)
+    result.tfds_split = tfds_split
+    return result
 
 
 def read(task, split, data_dir=None, *, shuffle_files=False, seed=0, download=True):
@@ -510,8 +513,8 @@ def run(build_model, tasks="all", *, data_dir=None, steps=STEPS, batch_size=BATC
             "train_examples": train_source.num_examples,
             "steps": int(keras.ops.convert_to_numpy(trainer.steps_done)),
             "tfds": task.tfds_name,
-            "train_split": task.train800val200,
-            "test_split": task.test,
+            "train_split": train_source.tfds_split,
+            "test_split": test_source.tfds_split,
             "train_seconds": round(trained - began, 1),
             "test_seconds": round(time.time() - trained, 1),
         }
