@@ -193,6 +193,8 @@ def test_cli_evaluate_prints_the_few_shot_table(tmp_path, capsys):
     (["evaluate", "ViT_Ti16", "--dataset", "digits", "--shots", "1,x"], "expected whole numbers"),
     (["evaluate", "ViT_Ti16", "--dataset", "digits", "--shots", "0"], "expected positive whole numbers"),
     (["evaluate", "nope.keras", "--dataset", "digits"], "nope.keras: no such model file"),
+    (["evaluate", "ViT_Ti16", "--vtab", "caltech101,nope"], "nope"),
+    (["evaluate", "model.keras", "--vtab", "all"], "--vtab fine-tunes a fresh model per task"),
 ])
 def test_cli_evaluate_misuse_is_one_line(argv, message, capsys):
     from keras_vit import cli
