@@ -18,6 +18,7 @@ One module per concept:
     labels       the ImageNet-1k/-21k class names and label files
     data         tf.data input pipelines: TFDS, digits, image folders, augmentation
     training     recipes, `Trainer` (accumulation, clipping), strategies, `train()`
+    evaluation   the paper's protocols: few-shot linear accuracy, VTAB-1k
     serving      `export_for_serving`: a TF Serving SavedModel
     visualize    attention rollout maps and the paper's attention-distance figure
     demo         the offline digits demo (`keras-vit demo`)
@@ -26,7 +27,7 @@ One module per concept:
     tables       text tables for the CLI and README
 """
 
-from keras_vit import hybrid, layers, training, visualize
+from keras_vit import evaluation, hybrid, layers, training, visualize
 from keras_vit.layers import preprocess_inputs
 from keras_vit.models import (
     CONSTRUCTORS,

@@ -289,6 +289,90 @@ def _run_export(args):
 
 
 # ---------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------
+
+
+def _int_list(text):
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive whole numbers separated by commas, got {text!r}")
+    return tuple(values)
+
+
+def _add_evaluate(subparsers):
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="few-shot linear accuracy of a model's representation (the paper's section 4.1), or VTAB-1k",
+        description="Embeds each dataset's train and test images once with MODEL (its pre_logits "
+        "representation), then fits a ridge classifier on k examples per class for each seed and "
+        "prints the test accuracy, mean and spread over seeds (big_vision's few-shot protocol).",
+    )
+    parser.add_argument("model", metavar="MODEL", help="constructor name (e.g. ViT_B16) or a saved .keras model")
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint tag, official .npz or .weights.h5 (constructor names only)")
+    parser.add_argument("--dataset", action="append", default=None, metavar="NAME",
+                        help="few-shot dataset: caltech101, cars196, cifar100, dtd, oxford_iiit_pet, uc_merced, "
+                        "imagenet2012, digits or an image folder; repeat or separate by commas")
+    parser.add_argument("--shots", type=_int_list, default=None, metavar="K,K,...",
+                        help="examples per class (default 1,5,10,25)")
+    parser.add_argument("--seeds", type=_positive_int, default=3, metavar="N", help="seeds 0..N-1 (3)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (64)")
+    parser.add_argument("--data-dir", default=None, help="the TFDS data directory")
+    parser.add_argument("--vtab", default=None, metavar="TASKS",
+                        help="instead: fine-tune on VTAB-1k tasks (all, natural, specialized, structured or "
+                        "names separated by commas) with the paper's protocol")
+    parser.add_argument("--output", default=None, metavar="OUT.json", help="also write the results as JSON")
+
+
+def _run_evaluate(args):
+    import json
+
+    from keras_vit import evaluation
+
+    if args.vtab is not None:
+        return _run_vtab(args)
+    if not args.dataset:
+        raise UsageError("give --dataset NAME (or --vtab TASKS).")
+    model, _, source = _load_model(args.model, args.weights)
+    datasets = [name.strip() for value in args.dataset for name in value.split(",") if name.strip()]
+    results = evaluation.few_shot(model, datasets, shots=args.shots or evaluation.SHOTS,
+                                  seeds=tuple(range(args.seeds)), batch_size=args.batch_size,
+                                  data_dir=args.data_dir)
+    print(f"{args.model} ({source}): few-shot linear accuracy (%), mean ± std over {args.seeds} seed(s)")
+    print(evaluation.format_results(results))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def _run_vtab(args):
+    from keras_vit import models
+    from keras_vit.evaluation import vtab
+
+    if args.model.endswith(MODEL_FILE_SUFFIX):
+        raise UsageError("--vtab fine-tunes a fresh model per task: give a constructor name and --weights.")
+    constructor = models.get_constructor(args.model)
+    tasks = vtab.parse_tasks(args.vtab)
+
+    def build_model(num_classes, input_shape):
+        return constructor(weights=args.weights, classes=num_classes, input_shape=input_shape)
+
+    results = vtab.run(build_model, tasks, data_dir=args.data_dir)
+    print(vtab.format_results(results))
+    if args.output:
+        import json
+
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # demo
 # ---------------------------------------------------------------------------
 
@@ -325,6 +409,7 @@ SUBCOMMANDS = {
     "predict": (_add_predict, _run_predict),
     "export": (_add_export, _run_export),
     "demo": (_add_demo, _run_demo),
+    "evaluate": (_add_evaluate, _run_evaluate),
 }
 
 

@@ -91,7 +91,8 @@ def source(dataset, split="train", data_dir=None, tfds_split=None, download=True
             10% of each class, chosen by a hash of the file name, is held out).
         split: "train" or "eval".
         data_dir: the TFDS data directory (default: TFDS's own).
-        tfds_split: overrides the TFDS split string (e.g. "train[:10%]").
+        tfds_split: overrides the TFDS split string (e.g. "train[:10%]");
+            with it, any TFDS name is accepted.
         download: let TFDS download and prepare a dataset it does not have.
     """
     if split not in SPLITS:
@@ -103,10 +104,38 @@ def source(dataset, split="train", data_dir=None, tfds_split=None, download=True
         return _tfds_source(dataset, split, data_dir, tfds_split, download)
     if os.path.isdir(dataset):
         return _folder_source(dataset, split)
+    if tfds_split is not None:  # any TFDS dataset, with the split string given
+        return _tfds_source(dataset, split, data_dir, tfds_split, download)
     raise ValueError(
         f"Unknown dataset {dataset!r}: use one of {', '.join(available_datasets())}, "
         "or the path of an image folder with one sub-folder per class."
     )
+
+
+SUBSET_SEED = 0  # fixed: a subset never depends on a training seed
+
+
+def subset(source, num_examples):
+    """The first `num_examples` of `source` in one fixed shuffled order.
+
+    Nested (the 1,000-example subset holds the 300-example one) and the same
+    for every model and training seed: the paper's data-size study (§4.3)
+    pre-trains on such subsets. The order is a shuffle with a fixed seed
+    (buffer: the whole source up to 50,000 examples), so an image folder,
+    read class by class, gives a mixed subset.
+    """
+    total = source.num_examples
+    if num_examples < 1 or (total is not None and num_examples > total):
+        raise ValueError(f"Cannot take {num_examples} examples of {source.name} ({total or 'unknown'} in its "
+                         f"{source.split} split): use 1..{total}.")
+    buffer = min(total or MAX_SHUFFLE_BUFFER, MAX_SHUFFLE_BUFFER)
+
+    def read(shuffle_files, seed):
+        del shuffle_files, seed  # the subset is fixed; the training pipeline shuffles it
+        ds = source.read(False, SUBSET_SEED)
+        return ds.shuffle(buffer, seed=SUBSET_SEED, reshuffle_each_iteration=False).take(num_examples)
+
+    return dataclasses.replace(source, num_examples=num_examples, read=read)
 
 
 # ---------------------------------------------------------------------------
@@ -117,14 +146,16 @@ def source(dataset, split="train", data_dir=None, tfds_split=None, download=True
 def _tfds_source(name, split, data_dir, tfds_split, download):
     import tensorflow_datasets as tfds
 
-    splits = TFDS_SPLITS[name]
-    tfds_split = tfds_split or getattr(splits, split)
+    tfds_split = tfds_split or getattr(TFDS_SPLITS[name], split)
     if tfds_split is None:
         raise ValueError(
             f"{name} has no {split} split: it is an evaluation set "
             "(train on imagenet2012 and evaluate on it)."
         )
-    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ValueError(f"Unknown dataset {name!r}: TFDS has no such dataset ({first_line(error)})") from None
     if download and not builder.is_prepared():
         try:
             builder.download_and_prepare()
@@ -139,12 +170,12 @@ def _tfds_source(name, split, data_dir, tfds_split, download):
             ds = builder.as_dataset(
                 split=tfds_split,
                 shuffle_files=shuffle_files,
-                as_supervised=True,
                 read_config=tfds.ReadConfig(shuffle_seed=seed),
             )
         except AssertionError as error:  # TFDS's "could not find data"
             raise ValueError(f"{name}: {first_line(error)}") from error
-        return ds.map(lambda image, label: (image, tf.cast(label, tf.int32)))
+        # The "image" and "label" features (not as_supervised: dtd and others have no supervised keys).
+        return ds.map(lambda example: (example["image"], tf.cast(example["label"], tf.int32)))
 
     try:  # split sizes: unknown for mock data
         num_examples = builder.info.splits[tfds_split].num_examples
@@ -329,14 +360,16 @@ def train_dataset(
     return _with_options(ds).prefetch(AUTOTUNE)
 
 
-def eval_dataset(source, image_size, batch_size, *, value_range=(0.0, 255.0), crop_fraction=1.0, drop_remainder=False):
+def eval_dataset(source, image_size, batch_size, *, value_range=(0.0, 255.0), crop_fraction=1.0,
+                 keep_aspect=True, drop_remainder=False):
     """Evaluation batches in file order: each image resized to `image_size`
-    (official), or with `crop_fraction` < 1 its shorter side resized to
-    image_size / crop_fraction and the centre cropped. TPUs need
-    `drop_remainder=True` (static shapes)."""
+    (official), or with `crop_fraction` < 1 resized to image_size /
+    crop_fraction (its shorter side; both sides with `keep_aspect=False`, as
+    big_vision's `resize(256)|central_crop(224)`) and the centre cropped.
+    TPUs need `drop_remainder=True` (static shapes)."""
 
     def preprocess(image, label):
-        image = center_crop(image, image_size, crop_fraction)
+        image = center_crop(image, image_size, crop_fraction, keep_aspect)
         return scale(image, value_range), tf.one_hot(label, source.num_classes)
 
     ds = source.read(False, 0).map(preprocess, num_parallel_calls=AUTOTUNE)
@@ -360,12 +393,15 @@ def inception_crop(image, image_size, area_range=(0.05, 1.0), seed=(0, 0)):
     return tf.image.resize(image, (image_size, image_size))
 
 
-def center_crop(image, image_size, crop_fraction=1.0):
+def center_crop(image, image_size, crop_fraction=1.0, keep_aspect=True):
     if crop_fraction >= 1.0:
         return tf.image.resize(image, (image_size, image_size))
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale_to = (image_size / crop_fraction) / tf.reduce_min(shape)
-    resized = tf.cast(tf.round(shape * scale_to), tf.int32)
+    if keep_aspect:
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale_to = (image_size / crop_fraction) / tf.reduce_min(shape)
+        resized = tf.cast(tf.round(shape * scale_to), tf.int32)
+    else:
+        resized = tf.fill([2], int(round(image_size / crop_fraction)))
     image = tf.image.resize(image, resized)
     top, left = (resized[0] - image_size) // 2, (resized[1] - image_size) // 2
     return tf.image.crop_to_bounding_box(image, top, left, image_size, image_size)

@@ -92,3 +92,14 @@ def test_constructors_are_explicit_functions():
         assert getattr(keras_vit, name) is constructor
         assert "include_top" in inspect.signature(constructor).parameters
         assert constructor.__doc__.startswith("Builds "), name
+
+
+def test_setup_cfg_ships_every_subpackage():
+    # An editable install finds every folder; a wheel holds only the packages setup.cfg lists.
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(PACKAGE_DIR.parent / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    packages = {_module_name(init) for init in PACKAGE_DIR.rglob("__init__.py")}
+    assert packages <= listed, packages - listed

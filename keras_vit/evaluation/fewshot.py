@@ -1,0 +1,185 @@
+"""The paper's few-shot linear evaluation of a model (§4.1), as big_vision runs it.
+
+    results = keras_vit.evaluation.few_shot(model, ["cifar100", "digits"])
+    results["cifar100"]["mean"][10]      # 10-shot accuracy, mean over seeds 0, 1, 2
+
+Each dataset's train and test images are embedded once (`features`); then,
+per seed and number of shots k, a ridge classifier is fitted on k examples
+per class (`linear.sample_shots`: nested across k) and scored on the whole
+test set (`linear.LinearFewShot`). Images are resized to 256/224 of the
+model's input size and centre-cropped, as big_vision's
+`resize(256)|central_crop(224)`.
+"""
+
+import weakref
+
+import numpy as np
+
+from keras_vit.evaluation.linear import DEFAULT_L2_REG, LinearFewShot, sample_shots
+
+SHOTS = (1, 5, 10, 25)
+SEEDS = (0, 1, 2)
+CROP_FRACTION = 224 / 256
+
+# name: (TFDS name, few-shot train split, test split), as big_vision's
+# configs/common_fewshot.py. ImageNet needs a manual download; its first
+# 65,000 training images hold at least 30 of every class.
+FEWSHOT_DATASETS = {
+    "caltech101": ("caltech101", "train", "test"),
+    "cars196": ("cars196", "train", "test"),
+    "cifar100": ("cifar100", "train", "test"),
+    "dtd": ("dtd", "train", "test"),
+    "oxford_iiit_pet": ("oxford_iiit_pet", "train", "test"),
+    "uc_merced": ("uc_merced", "train[:1000]", "train[1000:]"),
+    "imagenet2012": ("imagenet2012", "train[:65000]", "validation"),
+}
+
+
+def representation_model(model):
+    """A model sharing `model`'s weights that returns the paper's representation.
+
+    That is big_vision's `pre_logits`: the pooled token after the final
+    LayerNorm, through tanh(Dense) when the model has a `pre_logits` layer.
+    A model without pooling (include_top=False, pooling=None) is pooled as
+    its class token, or the mean of its tokens without one.
+    """
+    import keras
+
+    from keras_vit.layers import TokenPooling
+
+    names = {layer.name for layer in model.layers}
+    if "pre_logits" in names or "pool" in names:
+        output = model.get_layer("pre_logits" if "pre_logits" in names else "pool").output
+    elif "encoder_norm" in names:
+        prefix = 1 if "class_token" in names else 0
+        output = TokenPooling("token" if prefix else "gap", prefix, name="representation_pool")(
+            model.get_layer("encoder_norm").output
+        )
+    else:
+        raise ValueError(f"Model {model.name!r} is not a keras_vit model (no encoder_norm layer).")
+    return keras.Model(model.input, output, name=f"{model.name}_representation")
+
+
+def features(model, dataset, strategy=None, verbose="auto"):
+    """(features, labels) of every example of `dataset`, as numpy arrays.
+
+    Args:
+        model: a keras_vit model (any constructor, hybrid or `ViT()`).
+        dataset: a `tf.data.Dataset` of (images, labels) batches in the
+            model's input range (`keras_vit.data.input_range(model)`);
+            labels as class ids or one-hot.
+        strategy: a `tf.distribute` strategy to run the model under.
+        verbose: `model.predict`'s progress bar.
+
+    The model runs through `predict` (tf.data prefetching, XLA as compiled,
+    the strategy's replicas); the labels travel through it beside the images.
+    """
+    import tensorflow as tf
+
+    def pair(images, labels):
+        if labels.shape.rank == 2:  # one-hot
+            labels = tf.argmax(labels, axis=-1)
+        return ((images, tf.cast(labels, tf.int32)),)
+
+    outputs, labels = _labelled_model(model, strategy).predict(dataset.map(pair), verbose=verbose)
+    return np.asarray(outputs, np.float32), np.asarray(labels)
+
+
+# One labelled model per (model, strategy): its traced predict function is reused by later calls.
+_LABELLED = weakref.WeakKeyDictionary()
+
+
+def _labelled_model(model, strategy):
+    """(images, labels) -> (representation, labels), sharing `model`'s weights."""
+    import contextlib
+
+    import keras
+
+    per_strategy = _LABELLED.setdefault(model, {})
+    if id(strategy) not in per_strategy:
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            representation = representation_model(model)
+            labels = keras.Input(shape=(), dtype="int32", name="labels")
+            per_strategy[id(strategy)] = keras.Model([representation.input, labels], [representation.output, labels])
+    return per_strategy[id(strategy)]
+
+
+def dataset_sources(name, data_dir=None):
+    """(train, test) `keras_vit.data.Source`s of a few-shot dataset: a name of
+    FEWSHOT_DATASETS, "digits" (its fixed 80/20 split) or an image folder."""
+    from keras_vit import data
+
+    if name in FEWSHOT_DATASETS:
+        tfds_name, train_split, test_split = FEWSHOT_DATASETS[name]
+        return (data.source(tfds_name, "train", data_dir, tfds_split=train_split),
+                data.source(tfds_name, "eval", data_dir, tfds_split=test_split))
+    try:
+        return data.source(name, "train", data_dir), data.source(name, "eval", data_dir)
+    except ValueError as error:
+        if "Unknown dataset" in str(error):
+            raise ValueError(
+                f"Unknown few-shot dataset {name!r}: use one of {', '.join(FEWSHOT_DATASETS)}, digits, "
+                "or an image folder (one sub-folder per class)."
+            ) from None
+        raise
+
+
+def few_shot(model, datasets, shots=SHOTS, seeds=SEEDS, l2_reg=DEFAULT_L2_REG, batch_size=64,
+             crop_fraction=CROP_FRACTION, data_dir=None, strategy=None, verbose="auto"):
+    """The few-shot linear accuracy of `model` on each dataset.
+
+    Args:
+        model: a keras_vit model; images are fed at its input size.
+        datasets: names (FEWSHOT_DATASETS, "digits", an image folder path),
+            or {name: (train Source, test Source)}.
+        shots: examples per class of each few-shot train set.
+        seeds: one draw of the few-shot sets per seed.
+        l2_reg: the ridge penalty (big_vision's 2**10).
+        batch_size, crop_fraction, data_dir, strategy, verbose: the feature pass.
+
+    Returns:
+        {dataset: {"per_seed": {seed: {k: accuracy}}, "mean": {k: accuracy},
+        "std": {k: ...}, "num_classes": C, "train_examples": N, "test_examples": M}}.
+    """
+    from keras_vit import data
+
+    if not isinstance(datasets, dict):
+        datasets = {name: dataset_sources(name, data_dir) for name in datasets}
+    size = model.input_shape[1]
+    value_range = data.input_range(model)
+    results = {}
+    for name, (train, test) in datasets.items():
+        embedded = [
+            features(model, data.eval_dataset(source, size, batch_size, value_range=value_range,
+                                              crop_fraction=crop_fraction, keep_aspect=False),
+                     strategy=strategy, verbose=verbose)
+            for source in (train, test)
+        ]
+        (train_x, train_y), (test_x, test_y) = embedded
+        per_seed = {}
+        for seed in seeds:
+            per_seed[seed] = {
+                k: LinearFewShot(train_x[idx], train_y[idx], train.num_classes).accuracy(test_x, test_y, l2_reg)
+                for k, idx in sample_shots(train_y, shots, seed, train.num_classes).items()
+            }
+        results[name] = {
+            "per_seed": per_seed,
+            "mean": {k: float(np.mean([per_seed[s][k] for s in seeds])) for k in shots},
+            "std": {k: float(np.std([per_seed[s][k] for s in seeds])) for k in shots},
+            "num_classes": train.num_classes,
+            "train_examples": len(train_y),
+            "test_examples": len(test_y),
+        }
+    return results
+
+
+def format_results(results):
+    """The few-shot table: one row per dataset, mean ± std over seeds per k."""
+    from keras_vit.tables import format_table
+
+    shots = sorted({k for result in results.values() for k in result["mean"]})
+    rows = [("dataset", "classes", *[f"{k}-shot" for k in shots])]
+    for name, result in results.items():
+        rows.append((name, str(result["num_classes"]),
+                     *[f"{100 * result['mean'][k]:.2f} ± {100 * result['std'][k]:.2f}" for k in shots]))
+    return format_table(rows)

@@ -1,0 +1,247 @@
+"""Few-shot linear evaluation: the solver against a direct solve, nested shots, the paper's representation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import harness
+import keras_vit
+from keras_vit import data, evaluation
+from keras_vit.evaluation import linear
+
+
+def direct_ridge_predictions(train_x, train_y, test_x, num_classes, l2):
+    """The ridge normal equations solved directly in float64, big_vision's standardisation and bias."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-5
+    design = lambda x: np.hstack([(x - mean) / std, np.full((len(x), 1), 100.0)])  # noqa: E731
+    x = design(train_x.astype(np.float64))
+    y = 2.0 * np.eye(num_classes)[train_y] - 1.0
+    w = np.linalg.solve(x.T @ x + l2 * np.eye(x.shape[1]), x.T @ y)
+    return w, np.argmax(design(test_x.astype(np.float64)) @ w, axis=1)
+
+
+@pytest.mark.parametrize("n, d", [(200, 16), (12, 40)])  # N >= D (eigh of XᵀX) and N < D (of XXᵀ)
+def test_linear_few_shot_equals_a_direct_ridge_solve(n, d):
+    rng = np.random.default_rng(n)
+    classes = 4
+    centres = rng.normal(0, 2, (classes, d))
+    train_y = np.arange(n) % classes
+    train_x = centres[train_y] + rng.normal(0, 3, (n, d))
+    test_y = rng.integers(0, classes, 500)
+    test_x = centres[test_y] + rng.normal(0, 3, (500, d))
+    for l2 in (2.0**-4, 1.0, 2.0**10):
+        w, predictions = direct_ridge_predictions(train_x, train_y, test_x, classes, l2)
+        solver = linear.LinearFewShot(train_x, train_y, classes)
+        np.testing.assert_allclose(solver.weights(l2), w, rtol=1e-6, atol=1e-9)
+        accuracy = evaluation.linear_few_shot(train_x, train_y, test_x, test_y, classes, l2_reg=l2)
+        assert accuracy == np.mean(predictions == test_y)
+    sweep = evaluation.linear_few_shot(train_x, train_y, test_x, test_y, classes, l2_reg=[1.0, 2.0**10])
+    assert sweep == {1.0: solver.accuracy(test_x, test_y, 1.0), 1024.0: solver.accuracy(test_x, test_y, 1024.0)}
+    assert 0.5 < sweep[1.0]  # separable enough: far above the 0.25 of chance
+
+
+def test_linear_few_shot_rejects_bad_input_in_one_line():
+    with pytest.raises(ValueError, match=r"Expected features \(N, D\) and labels \(N,\)"):
+        evaluation.linear_few_shot(np.zeros((4, 3)), np.zeros(5, int), np.zeros((2, 3)), np.zeros(2, int))
+    with pytest.raises(ValueError, match=r"Labels must be in \[0, 2\)"):
+        evaluation.linear_few_shot(np.zeros((4, 3)), np.array([0, 1, 2, 1]), np.zeros((2, 3)), np.zeros(2), 2)
+
+
+def test_shots_are_nested_k_per_class_and_fixed_by_the_seed():
+    labels = np.repeat(np.arange(5), 30)
+    np.random.default_rng(0).shuffle(labels)
+    sets = evaluation.sample_shots(labels, (1, 5, 10, 25), seed=0)
+    for k, indices in sets.items():
+        assert np.bincount(labels[indices], minlength=5).tolist() == [k] * 5
+    for small, large in [(1, 5), (5, 10), (10, 25)]:
+        assert set(sets[small]) <= set(sets[large])
+    again = evaluation.sample_shots(labels, (1, 5, 10, 25), seed=0)
+    assert all(np.array_equal(sets[k], again[k]) for k in sets)
+    other = evaluation.sample_shots(labels, (5,), seed=1)
+    assert not np.array_equal(np.sort(other[5]), np.sort(sets[5]))
+    # big_vision's draw: one permutation per class, in class order, from default_rng(seed)
+    rng = np.random.default_rng(0)
+    expected = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:5] for c in range(5)])
+    np.testing.assert_array_equal(sets[5], expected)
+
+
+def _batches(images, labels, batch_size=4):
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+
+
+@pytest.mark.parametrize("architecture", ["vit", "hybrid"])
+def test_features_are_the_models_pre_logits(architecture):
+    build = harness.ARCHITECTURES[architecture]
+    model = build(representation_size=24)  # with the tanh pre_logits layer
+    harness.randomize_head(model)
+    images, labels = harness.images(6), np.array([0, 1, 2, 3, 4, 0])
+    got, got_labels = evaluation.features(model, _batches(images, labels), verbose=0)
+    expected = keras_vit.feature_extractor(model, ["pre_logits"]).predict(images, verbose=0)["pre_logits"]
+    assert got.shape == (6, 24)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    pre_logits = model.get_layer("pre_logits")
+    pooled = keras_vit.feature_extractor(model, ["encoded"]).predict(images, verbose=0)["encoded"][:, 0]
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in (pre_logits.kernel, pre_logits.bias))
+    np.testing.assert_allclose(got, np.tanh(pooled @ kernel + bias), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got_labels, labels)
+
+
+def test_features_of_a_model_without_head_or_pooling_are_its_class_token():
+    model = harness.tiny_vit(include_top=False)
+    images = harness.images(5)
+    got, labels = evaluation.features(model, _batches(images, np.eye(5)[[0, 1, 2, 3, 4]]), verbose=0)
+    np.testing.assert_allclose(got, model.predict(images, verbose=0)[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(labels, np.arange(5))  # one-hot labels become class ids
+
+
+def test_few_shot_on_digits_is_the_solver_on_the_features():
+    keras.utils.set_random_seed(0)
+    model = harness.tiny_vit(input_shape=(16, 16, 3), patch_size=4, classes=10)
+    results = evaluation.few_shot(model, ["digits"], shots=(1, 5), seeds=(0, 1), verbose=0)
+    result = results["digits"]
+    assert (result["num_classes"], result["train_examples"], result["test_examples"]) == (10, 1437, 360)
+    # recompute seed 1, 5 shots from the features, by hand
+    train, test = (data.source("digits", split) for split in ("train", "eval"))
+    embed = lambda s: evaluation.features(  # noqa: E731
+        model, data.eval_dataset(s, 16, 64, crop_fraction=evaluation.fewshot.CROP_FRACTION, keep_aspect=False),
+        verbose=0)
+    (train_x, train_y), (test_x, test_y) = embed(train), embed(test)
+    chosen = evaluation.sample_shots(train_y, (5,), seed=1)[5]
+    expected = evaluation.linear_few_shot(train_x[chosen], train_y[chosen], test_x, test_y, 10)
+    assert result["per_seed"][1][5] == expected
+    assert result["mean"][5] == pytest.approx(np.mean([result["per_seed"][s][5] for s in (0, 1)]))
+    assert result["mean"][5] > 0.2  # a random ViT's features still beat chance (0.1) on digits
+    table = evaluation.format_results(results)
+    assert "digits" in table and "5-shot" in table
+
+
+def test_few_shot_reads_big_vision_splits_of_a_tfds_dataset(tmp_path):
+    import tensorflow_datasets as tfds
+
+    model = harness.tiny_vit(classes=21)
+    with tfds.testing.mock_data(num_examples=60, data_dir=str(tmp_path)):
+        results = evaluation.few_shot(model, ["dtd"], shots=(1, 2), seeds=(0,), batch_size=16, verbose=0)
+    assert results["dtd"]["num_classes"] == 47
+    assert results["dtd"]["train_examples"] == results["dtd"]["test_examples"] == 60
+
+
+def test_unknown_few_shot_dataset_is_one_line():
+    with pytest.raises(ValueError, match="Unknown few-shot dataset 'mnist_x'") as excinfo:
+        evaluation.few_shot(harness.tiny_vit(), ["mnist_x"])
+    assert "\n" not in str(excinfo.value)
+
+
+STRATEGY_SCRIPT = r"""
+import os, sys
+os.environ["KERAS_BACKEND"] = "tensorflow"
+from keras_vit.training import make_strategy, split_cpu
+split_cpu(2)
+import keras, numpy as np, tensorflow as tf
+sys.path.insert(0, sys.argv[1])
+import harness
+from keras_vit import evaluation
+keras.utils.set_random_seed(0)
+model = harness.tiny_vit(representation_size=8)
+images, labels = harness.images(10), np.arange(10) % 5
+ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+plain, _ = evaluation.features(model, ds, verbose=0)
+strategy = make_strategy("mirrored")
+assert strategy.num_replicas_in_sync == 2
+mirrored, mirrored_labels = evaluation.features(model, ds, strategy=strategy, verbose=0)
+np.testing.assert_allclose(mirrored, plain, rtol=1e-5, atol=1e-6)
+np.testing.assert_array_equal(mirrored_labels, labels)
+print("same features on 2 replicas")
+"""
+
+
+def test_features_under_a_mirrored_strategy_equal_one_device():
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", STRATEGY_SCRIPT, tests], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same features on 2 replicas" in done.stdout
+
+
+def test_cli_evaluate_prints_the_few_shot_table(tmp_path, capsys):
+    import json
+
+    from keras_vit import cli
+
+    keras.utils.set_random_seed(0)
+    model = harness.tiny_vit(input_shape=(16, 16, 3), patch_size=4, classes=10)
+    path = str(tmp_path / "tiny.keras")
+    model.save(path)
+    out = str(tmp_path / "fewshot.json")
+    assert cli.main(["evaluate", path, "--dataset", "digits", "--shots", "1,5", "--seeds", "2", "--output", out]) == 0
+    printed = capsys.readouterr().out
+    saved = json.load(open(out))["digits"]
+    assert "mean ± std over 2 seed(s)" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("digits"))
+    assert f"{100 * saved['mean']['5']:.2f} ± {100 * saved['std']['5']:.2f}" in row
+    expected = evaluation.few_shot(model, ["digits"], shots=(1, 5), seeds=(0, 1), verbose=0)["digits"]
+    assert saved["per_seed"]["1"]["5"] == expected["per_seed"][1][5]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "ViT_Ti16"], "give --dataset NAME"),
+    (["evaluate", "ViT_Ti16", "--dataset", "digits", "--shots", "1,x"], "expected whole numbers"),
+    (["evaluate", "ViT_Ti16", "--dataset", "digits", "--shots", "0"], "expected positive whole numbers"),
+    (["evaluate", "nope.keras", "--dataset", "digits"], "nope.keras: no such model file"),
+    (["evaluate", "ViT_Ti16", "--vtab", "caltech101,nope"], "nope"),
+    (["evaluate", "model.keras", "--vtab", "all"], "--vtab fine-tunes a fresh model per task"),
+])
+def test_cli_evaluate_misuse_is_one_line(argv, message, capsys):
+    from keras_vit import cli
+
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and len(err.strip().splitlines()) <= 2, err
+
+
+def test_subsets_are_nested_and_independent_of_the_training_seed():
+    source = data.source("digits", "train")
+    small, large = data.subset(source, 100), data.subset(source, 300)
+    labels = lambda s, seed: np.array([int(y) for _, y in s.read(True, seed)])  # noqa: E731
+    images = lambda s: np.stack([x.numpy() for x, _ in s.read(True, 0)])  # noqa: E731
+    assert small.num_examples == 100 and len(labels(small, 0)) == 100
+    np.testing.assert_array_equal(images(large)[:100], images(small))  # nested
+    np.testing.assert_array_equal(labels(small, 0), labels(small, 7))  # not the training seed's
+    assert len(set(labels(small, 0))) == 10  # a shuffled draw: every class, not the first ones
+    with pytest.raises(ValueError, match=r"Cannot take 5000 examples of digits \(1437"):
+        data.subset(source, 5000)
+
+
+def test_scaling_example_end_to_end_on_a_tiny_budget(tmp_path):
+    import csv
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, os.path.join(root, "examples", "scaling.py"), "--models", "micro",
+            "--train_examples", "40,80", "--seeds", "0", "--steps", "4", "--batch_size", "16", "--shots", "1,2",
+            "--output_dir", str(tmp_path)]
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
+    assert [(r["model"], r["train_examples"], r["shots"]) for r in rows] == [
+        ("micro", "40", "1"), ("micro", "40", "2"), ("micro", "80", "1"), ("micro", "80", "2")]
+    with open(tmp_path / "scaling.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Each row is the few-shot accuracy of the model its run saved.
+    model = keras.saving.load_model(tmp_path / "micro" / "80" / "seed-0" / "model.keras")
+    expected = evaluation.few_shot(model, ["digits"], shots=(1, 2), verbose=0)["digits"]["mean"][2]
+    assert float(rows[3]["accuracy"]) == pytest.approx(expected, abs=1e-5)
+    results = json.load(open(tmp_path / "micro" / "80" / "seed-0" / "results.json"))
+    assert results["steps"] == 4
+    # Misuse: one line, exit 2
+    bad = subprocess.run(argv[:2] + ["--models", "huge"], capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert bad.returncode == 2 and "--models: unknown huge" in bad.stderr.strip().splitlines()[-1]
