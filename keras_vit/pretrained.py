@@ -47,6 +47,7 @@ class LoadPlan:
     representation_size: Optional[int] = None
     input_shape: Optional[tuple] = None
     loader: Optional[Callable] = None
+    resolution: Optional[int] = None  # the checkpoint's: the grid a model of any size stores
 
     def load(self, model):
         if self.loader is not None:
@@ -124,7 +125,7 @@ def _checkpoint_plan(source, info, include_top, classes, representation_size, in
         loader = lambda model: load_registered(model, source, **load_options)  # noqa: E731
     else:
         loader = lambda model: npz.load_npz(model, source, **load_options)  # noqa: E731
-    return LoadPlan(classes, info.pre_logits if keep else None, input_shape, loader)
+    return LoadPlan(classes, info.pre_logits if keep else None, input_shape, loader, info.resolution)
 
 
 def _keep_pre_logits(info, include_top, new_head, representation_size, keep_pre_logits):
