@@ -12,10 +12,10 @@ One module per concept:
     views        models sharing a built model's weights: intermediate outputs, attention
     sizes        parameter and multiply-accumulate counts without building a model
     pretrained   what a `weights=` value means: resolved before the build, loaded after
-    registry     the official checkpoint files: tags, names, resolutions, classes
+    registry     the official checkpoint files: tags, names (timm's too), resolutions, classes
     npz          official `.npz` -> Keras: the reader, layout quirks, strict key matcher
     download     verified, cached, atomic downloads of checkpoint files
-    labels       the ImageNet-1k/-21k class names and label files
+    labels       the ImageNet-1k/-21k class names and label files, `decode_predictions`
     data         tf.data input pipelines: TFDS, digits, image folders, augmentation
     training     recipes, `Trainer` (accumulation, clipping), strategies, `train()`
     serving      `export_for_serving`: a TF Serving SavedModel
@@ -27,7 +27,8 @@ One module per concept:
 """
 
 from keras_vit import hybrid, layers, training, visualize
-from keras_vit.layers import preprocess_inputs
+from keras_vit.labels import decode_predictions
+from keras_vit.layers import preprocess_input, preprocess_inputs
 from keras_vit.models import (
     CONSTRUCTORS,
     VARIANTS,
@@ -49,7 +50,7 @@ from keras_vit.models import (
 )
 from keras_vit.npz import load_npz
 from keras_vit.pretrained import load_pretrained
-from keras_vit.registry import list_weights
+from keras_vit.registry import from_name, list_weights
 from keras_vit.serving import export_for_serving
 from keras_vit.views import attention_model, feature_extractor
 

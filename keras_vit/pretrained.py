@@ -11,7 +11,9 @@ Accepted values:
                           resized on load
     "in21k", ...          an official checkpoint tag of the model's
                           architecture (`keras_vit.list_weights()`), or a
-                          file's official name ("imagenet21k/ViT-B_16"):
+                          file's official name ("imagenet21k/ViT-B_16"), or
+                          timm's name or tag of the same official file
+                          ("augreg_in21k_ft_in1k", keras_vit.registry):
                           downloaded once, verified and cached
                           (keras_vit.registry, keras_vit.download)
     "path/x.npz"          a local official checkpoint file
@@ -87,7 +89,7 @@ def plan(
         if source is None:
             if path.endswith(".npz"):
                 raise FileNotFoundError(f"Checkpoint file not found: {path}")
-            tags = ", ".join(registry.tags_for(architecture)) if architecture else ""
+            tags = ", ".join(registry.tags_for(architecture) + registry.timm_tags_for(architecture)) if architecture else ""
             raise ValueError(
                 f"Unknown weights {path!r}: pass None, a checkpoint tag"
                 + (f" of {architecture} ({tags})" if tags else "")
