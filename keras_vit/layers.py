@@ -105,15 +105,15 @@ def resample_position_embedding(grid, new_grid_size, interpolation="zoom"):
 def _zoom_axis(grid, axis, size):
     """`scipy.ndimage.zoom(order=1)` along one axis, with keras.ops: output i
     reads source coordinate i * (in - 1) / (out - 1), linearly interpolated
-    (corners kept). `size` may be a Python int or a scalar tensor."""
-    length = ops.shape(grid)[axis]
-    positions = ops.cast(ops.arange(size), "float32")
-    scale = ops.cast(length - 1, "float32") / ops.cast(ops.maximum(size - 1, 1), "float32")
-    coordinates = positions * scale
-    lower = ops.cast(ops.floor(coordinates), "int32")
-    lower = ops.minimum(lower, ops.cast(length - 1, "int32"))
-    upper = ops.minimum(lower + 1, ops.cast(length - 1, "int32"))
-    fraction = coordinates - ops.cast(lower, "float32")
+    (corners kept). `size` may be a Python int or a scalar tensor. The
+    coordinate's integer and fractional parts come from integer arithmetic,
+    so the weights are as exact as scipy's float64 ones up to float32 rounding."""
+    length = ops.cast(ops.shape(grid)[axis], "int32")
+    steps = ops.arange(size, dtype="int32") * (length - 1)
+    denominator = ops.maximum(ops.cast(size, "int32") - 1, 1)
+    lower = steps // denominator
+    fraction = ops.cast(steps % denominator, "float32") / ops.cast(denominator, "float32")
+    upper = ops.minimum(lower + 1, length - 1)
     shape = [1, 1, 1]
     shape[axis] = -1
     fraction = ops.cast(ops.reshape(fraction, shape), grid.dtype)
