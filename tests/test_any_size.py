@@ -123,6 +123,7 @@ def test_checkpoint_grid_is_stored_and_resampled_per_call(tmp_path):
         np.testing.assert_allclose(logits(dynamic, x), logits(fixed, x), atol=TOLERANCE, rtol=0)
 
 
+@multibackend
 @pytest.mark.parametrize("architecture", list(BUILDERS))
 def test_xla(architecture, tmp_path):
     if keras.backend.backend() == "torch":
