@@ -46,11 +46,12 @@ from keras_vit.models import (
     ViT_S16,
     ViT_S32,
     ViT_Ti16,
+    from_name,
     get_constructor,
 )
 from keras_vit.npz import load_npz
 from keras_vit.pretrained import load_pretrained
-from keras_vit.registry import from_name, list_weights
+from keras_vit.registry import list_weights
 from keras_vit.serving import export_for_serving
 from keras_vit.views import attention_model, feature_extractor
 

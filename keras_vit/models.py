@@ -23,7 +23,7 @@ import textwrap
 import keras
 from keras import layers
 
-from keras_vit import hybrid, pretrained
+from keras_vit import hybrid, pretrained, registry
 from keras_vit import layers as vit_layers
 
 DEFAULT_IMAGE_SIZE = 224
@@ -426,3 +426,31 @@ def get_constructor(name):
         return CONSTRUCTORS[name]
     except KeyError:
         raise ValueError(f"Unknown model {name!r}; choose one of: {', '.join(CONSTRUCTORS)}.") from None
+
+
+def from_name(name, **kwargs):
+    """Builds the model a timm name designates, with that official file:
+
+        keras_vit.from_name("vit_base_patch16_224.augreg_in21k_ft_in1k")
+
+    Only names of files in the registry (`keras_vit.registry.timm_names()`,
+    `keras_vit.list_weights()`); `kwargs` are the constructor's (`classes`,
+    `input_shape`, `include_top`, ...).
+    """
+    names = registry.timm_names()
+    if name not in names:
+        model_name = name.partition(".")[0]
+        architectures = {timm_name.partition(".")[0]: entry.architecture for timm_name, entry in names.items()}
+        architecture = architectures.get(model_name)
+        if architecture is None:
+            raise ValueError(
+                f"Unknown timm name {name!r}: keras_vit has official files for "
+                f"{', '.join(sorted(architectures))} (as model.tag); see keras_vit.list_weights()."
+            )
+        raise ValueError(
+            f"timm name {name!r} is not an official file keras_vit registers; {architecture}'s timm names: "
+            f"{', '.join(registry.timm_tags_for(architecture))}; "
+            f"its tags: {', '.join(registry.tags_for(architecture))}."
+        )
+    entry = names[name]
+    return get_constructor(entry.architecture)(weights=entry.official_name, **kwargs)

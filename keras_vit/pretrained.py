@@ -89,7 +89,9 @@ def plan(
         if source is None:
             if path.endswith(".npz"):
                 raise FileNotFoundError(f"Checkpoint file not found: {path}")
-            tags = ", ".join(registry.tags_for(architecture) + registry.timm_tags_for(architecture)) if architecture else ""
+            tags = ""
+            if architecture:
+                tags = ", ".join(registry.tags_for(architecture) + registry.timm_tags_for(architecture))
             raise ValueError(
                 f"Unknown weights {path!r}: pass None, a checkpoint tag"
                 + (f" of {architecture} ({tags})" if tags else "")

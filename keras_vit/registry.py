@@ -10,7 +10,7 @@ resolves a tag for an architecture, or a file's official name
 (`imagenet21k/ViT-B_16`, an AugReg file name, with or without `.npz`, or its
 URL), or timm's name of the same file (`vit_base_patch16_224.augreg_in21k_ft_in1k`,
 or its tag alone for an architecture: `timm_checkpoint`). `list_weights()`
-prints the table; `from_name` builds a model from a timm name.
+prints the table (`keras_vit.from_name` builds a model from a timm name).
 """
 
 import dataclasses
@@ -169,34 +169,6 @@ def timm_checkpoint(name, architecture=None):
 def timm_tags_for(architecture):
     """The timm names of `architecture`'s registered files."""
     return [name for name, entry in timm_names().items() if entry.architecture == architecture]
-
-
-def from_name(name, **kwargs):
-    """Builds the model a timm name designates, with that official file:
-
-        keras_vit.from_name("vit_base_patch16_224.augreg_in21k_ft_in1k")
-
-    Only names of files in the registry (`keras_vit.list_weights()`); `kwargs`
-    are the constructor's (`classes`, `input_shape`, `include_top`, ...).
-    """
-    from keras_vit import models
-
-    names = timm_names()
-    if name not in names:
-        model_name, _, tag = name.partition(".")
-        architectures = {timm_name.partition(".")[0]: entry.architecture for timm_name, entry in names.items()}
-        architecture = architectures.get(model_name)
-        if architecture is None:
-            raise ValueError(
-                f"Unknown timm name {name!r}: keras_vit has official files for "
-                f"{', '.join(sorted(architectures))} (as model.tag); see keras_vit.list_weights()."
-            )
-        raise ValueError(
-            f"timm name {name!r} is not an official file keras_vit registers; {architecture}'s timm names: "
-            f"{', '.join(timm_tags_for(architecture))}; its tags: {', '.join(tags_for(architecture))}."
-        )
-    entry = names[name]
-    return models.get_constructor(entry.architecture)(weights=entry.official_name, **kwargs)
 
 
 # The AugReg release names each file after its run (How to train your ViT,
