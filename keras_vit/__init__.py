@@ -12,10 +12,10 @@ One module per concept:
     views        models sharing a built model's weights: intermediate outputs, attention
     sizes        parameter and multiply-accumulate counts without building a model
     pretrained   what a `weights=` value means: resolved before the build, loaded after
-    registry     the official checkpoint files: tags, names, resolutions, classes
+    registry     the official checkpoint files: tags, names (timm's too), resolutions, classes
     npz          official `.npz` -> Keras: the reader, layout quirks, strict key matcher
     download     verified, cached, atomic downloads of checkpoint files
-    labels       the ImageNet-1k/-21k class names and label files
+    labels       the ImageNet-1k/-21k class names and label files, `decode_predictions`
     data         tf.data input pipelines: TFDS, digits, image folders, augmentation
     training     recipes, `Trainer` (accumulation, clipping), strategies, `train()`
     evaluation   the paper's protocols: few-shot linear accuracy, VTAB-1k
@@ -28,7 +28,8 @@ One module per concept:
 """
 
 from keras_vit import evaluation, hybrid, layers, training, visualize
-from keras_vit.layers import preprocess_inputs
+from keras_vit.labels import decode_predictions
+from keras_vit.layers import preprocess_input, preprocess_inputs
 from keras_vit.models import (
     CONSTRUCTORS,
     VARIANTS,
@@ -46,6 +47,7 @@ from keras_vit.models import (
     ViT_S16,
     ViT_S32,
     ViT_Ti16,
+    from_name,
     get_constructor,
 )
 from keras_vit.npz import load_npz

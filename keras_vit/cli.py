@@ -192,8 +192,9 @@ def _resize_images(images, size):
     return np.stack(resized)
 
 
-def _load_model(name, weights):
-    """(model, label set or None, what the weights are) for --model/--weights."""
+def _load_model(name, weights, input_shape=None):
+    """(model, label set or None, what the weights are) for --model/--weights;
+    `input_shape` for a constructor (a .keras model has its own)."""
     import keras
 
     from keras_vit import models, registry
@@ -209,7 +210,7 @@ def _load_model(name, weights):
     if weights is not None and not os.path.exists(weights):
         entry = registry.find_checkpoint(weights, architecture=name)
         label_set = entry.labels if entry is not None else None
-    return constructor(weights=weights), label_set, weights or "random weights"
+    return constructor(weights=weights, input_shape=input_shape), label_set, weights or "random weights"
 
 
 def _run_predict(args):
@@ -267,20 +268,26 @@ def _add_export(subparsers):
                         help="version folder number (default: one more than the highest there)")
     parser.add_argument("--top", type=_positive_int, default=5, metavar="K", help="top-k outputs (5)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
+    parser.add_argument("--any-size", action="store_true",
+                        help="serve each image at its own size (rounded to whole patches) instead of resizing "
+                        "all to one; MODEL is built with input_shape=(None, None, 3) (a .keras model must be)")
 
 
 def _run_export(args):
     from keras_vit import labels as vit_labels
     from keras_vit import serving
 
-    model, label_set, source = _load_model(args.model, args.weights)
+    input_shape = (None, None, 3) if args.any_size else None
+    model, label_set, source = _load_model(args.model, args.weights, input_shape)
     names = vit_labels.class_names(model.output_shape[-1], args.labels or label_set)
     version_dir = serving.export_for_serving(
-        model, args.export_dir, class_names=names, version=args.version, top_k=args.top, overwrite=args.overwrite
+        model, args.export_dir, class_names=names, version=args.version, top_k=args.top, overwrite=args.overwrite,
+        any_size=args.any_size,
     )
     height, width = model.input_shape[1:3]
+    size = "any size" if args.any_size else f"{height}x{width}"
     name = os.path.basename(os.path.abspath(args.export_dir))
-    print(f"{args.model} ({source}, {len(names)} classes, {height}x{width}) -> {version_dir}")
+    print(f"{args.model} ({source}, {len(names)} classes, {size}) -> {version_dir}")
     print(f"signatures: {', '.join(serving.SIGNATURES)}")
     print(f"serve it:   docker run -p 8501:8501 -v {os.path.abspath(args.export_dir)}:/models/{name} "
           f"-e MODEL_NAME={name} tensorflow/serving")

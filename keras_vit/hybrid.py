@@ -286,6 +286,7 @@ def stem_builder(block_sizes=(3, 4, 9), width_factor=1):
     def stem(images):
         return ResNetStem(block_sizes, width_factor, name=STEM_LAYER_NAME)(images)
 
+    stem.stride = total_stride(block_sizes)  # input pixels per feature-map pixel
     return stem
 
 

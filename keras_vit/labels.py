@@ -79,6 +79,35 @@ def short_name(label):
     return label.split(",")[0].strip()
 
 
+def decode_predictions(preds, top=5):
+    """The keras.applications helper: the `top` best classes of each row of
+    `preds` (batch, classes) as a list per row of (class id, name, score),
+    best first. The names are the shipped label set of that many classes
+    (ImageNet-1k: 1000, ImageNet-21k: 21843); the id is the class index.
+    Names are the full label ("tench, Tinca tinca"), not its first lemma:
+    first lemmas repeat in ImageNet ("crane" is a bird and a machine)."""
+    import numpy as np
+
+    scores = np.asarray(preds)
+    if scores.ndim != 2:
+        raise ValueError(
+            f"decode_predictions expects a (batch, classes) array, got shape {scores.shape}."
+        )
+    label_set = label_set_for(scores.shape[1])
+    if label_set is None:
+        known = ", ".join(f"{name} ({count})" for name, (_, count, _) in LABEL_SETS.items())
+        raise ValueError(
+            f"decode_predictions knows the class names of {known} classes, not of {scores.shape[1]}: "
+            "use keras_vit.labels.load_labels for a model's own names."
+        )
+    names = _read_label_set(label_set)
+    top = int(top)
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}.")
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+    return [[(int(i), names[i], float(row[i])) for i in order] for row, order in zip(scores, best)]
+
+
 def build_label_files(timm_info_dir, out_dir):
     """Writes the label files from timm's synset and lemma lists."""
     with open(os.path.join(timm_info_dir, TIMM_LEMMA_FILE), encoding="utf-8") as file:

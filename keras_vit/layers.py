@@ -50,7 +50,7 @@ def pixel_rescaling(name="rescaling"):
     return layers.Rescaling(scale=PIXEL_SCALE, offset=PIXEL_OFFSET, name=name)
 
 
-def preprocess_inputs(images):
+def preprocess_input(images):
     """Scales pixels from [0, 255] to [-1, 1], the official ViT input range.
 
     Use it for models built with `include_preprocessing=False`; models built
@@ -62,8 +62,12 @@ def preprocess_inputs(images):
     return scale_pixels(images)
 
 
+preprocess_inputs = preprocess_input  # the name keras_vit used before keras.applications
+
+
 # ---------------------------------------------------------------------------
-# Position-embedding resampling (numpy, at load time: never inside the graph)
+# Position-embedding resampling: numpy at load time (a model of one size), and
+# keras.ops in the graph (a model of any size, `resample_position_embedding_ops`)
 # ---------------------------------------------------------------------------
 
 INTERPOLATIONS = ("zoom", "bicubic")
@@ -96,6 +100,82 @@ def resample_position_embedding(grid, new_grid_size, interpolation="zoom"):
     raise ValueError(
         f"Unknown interpolation {interpolation!r}; use one of {INTERPOLATIONS}."
     )
+
+
+def _zoom_axis(grid, axis, size):
+    """`scipy.ndimage.zoom(order=1)` along one axis, with keras.ops: output i
+    reads source coordinate i * (in - 1) / (out - 1), linearly interpolated
+    (corners kept). `size` may be a Python int or a scalar tensor. The
+    coordinate's integer and fractional parts come from integer arithmetic,
+    so the weights are as exact as scipy's float64 ones up to float32 rounding."""
+    length = ops.cast(ops.shape(grid)[axis], "int32")
+    steps = ops.arange(size, dtype="int32") * (length - 1)
+    denominator = ops.maximum(ops.cast(size, "int32") - 1, 1)
+    lower = steps // denominator
+    fraction = ops.cast(steps % denominator, "float32") / ops.cast(denominator, "float32")
+    upper = ops.minimum(lower + 1, length - 1)
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    fraction = ops.cast(ops.reshape(fraction, shape), grid.dtype)
+    below = ops.take(grid, lower, axis=axis)
+    above = ops.take(grid, upper, axis=axis)
+    return below + (above - below) * fraction
+
+
+def resample_position_embedding_ops(grid, new_grid_size, interpolation="zoom"):
+    """`resample_position_embedding` inside the graph: a (rows, cols, width)
+    tensor to `new_grid_size`, whose entries may be tensors (an input's grid).
+
+    keras.ops only, so it runs on every backend and under XLA. `"zoom"`
+    matches the numpy (scipy) version to float32 rounding; `"bicubic"` is the
+    backend's `ops.image.resize`, which the numpy version calls too.
+    """
+    rows, cols = new_grid_size
+    if interpolation == "zoom":
+        grid = ops.cast(grid, "float32")
+        return _zoom_axis(_zoom_axis(grid, 0, rows), 1, cols)
+    if interpolation == "bicubic":
+        resized = ops.image.resize(
+            ops.cast(grid, "float32")[None], (rows, cols), interpolation="bicubic", antialias=False
+        )
+        return resized[0]
+    raise ValueError(
+        f"Unknown interpolation {interpolation!r}; use one of {INTERPOLATIONS}."
+    )
+
+
+def image_size_error(height, width, multiple):
+    """The one-line error for an input whose height or width is not a
+    multiple of `multiple` (rows, cols): pixels per token of the model."""
+    def allowed(m):
+        return ", ".join(str(m * k) for k in range(1, 5)) + ", ..."
+
+    error = ValueError(
+        f"Input size {height}x{width} does not cut into whole patches: height must be a multiple of "
+        f"{multiple[0]} ({allowed(multiple[0])}) and width a multiple of {multiple[1]} "
+        f"({allowed(multiple[1])}); resize or crop the images."
+    )
+    # Raised inside a layer's call: Keras would wrap it in a multi-line
+    # "Exception encountered when calling ..." message unless marked as done.
+    error._keras_call_info_injected = True
+    return error
+
+
+def _checked_in_graph(rows, cols, height, width, multiple):
+    """The one place keras_vit's model code reaches below keras.ops: a
+    TensorFlow graph traced for unknown image sizes (`model.predict` traces
+    again with open sizes; tf.function, SavedModels) has no static size to
+    check in Python, and keras.ops has no assertion. JAX and torch always see
+    the size while tracing, so `input_grid` checks it in Python there.
+    Returns (rows, cols) that depend on the check, which fails with the
+    `image_size_error` line."""
+    import tensorflow as tf
+
+    whole = tf.logical_and(tf.equal(height % multiple[0], 0), tf.equal(width % multiple[1], 0))
+    message = str(image_size_error("{height}", "{width}", multiple)).replace("{height}x{width}", "%s")
+    check = tf.debugging.Assert(whole, [tf.strings.format(message.replace("%s", "{}x{}"), (height, width))])
+    with tf.control_dependencies([check]):
+        return tf.identity(rows), tf.identity(cols)
 
 
 def resize_position_embedding(
@@ -217,13 +297,20 @@ class PositionEmbedding(layers.Layer):
         interpolation: how a stored embedding for another grid is resized on
             load: "zoom" (official, default) or "bicubic".
 
+        patch_pixels: for a model of any input size: the (rows, cols) input
+            pixels each token covers (the patch size; the stem's stride times
+            it for hybrids). The layer is then called as `layer(tokens, images)`
+            and resamples the stored embedding to the images' grid in the graph
+            (with `interpolation`); at the stored grid it adds it unchanged.
+
     Loading weights saved for a different grid (`load_weights`, `.keras`
     files) resizes the stored embedding to this layer's grid instead of failing.
     """
 
-    def __init__(self, grid_size, num_prefix_tokens=1, interpolation="zoom", **kwargs):
+    def __init__(self, grid_size, num_prefix_tokens=1, interpolation="zoom", patch_pixels=None, **kwargs):
         super().__init__(**kwargs)
         self.grid_size = tuple(int(s) for s in as_pair(grid_size))
+        self.patch_pixels = None if patch_pixels is None else as_pair(patch_pixels)
         self.num_prefix_tokens = int(num_prefix_tokens)
         if interpolation not in INTERPOLATIONS:
             raise ValueError(
@@ -235,8 +322,9 @@ class PositionEmbedding(layers.Layer):
     def num_tokens(self):
         return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
 
-    def build(self, input_shape):
-        if input_shape[1] is not None and input_shape[1] != self.num_tokens:
+    def build(self, tokens_shape, images_shape=None):
+        input_shape = tokens_shape
+        if images_shape is None and input_shape[1] is not None and input_shape[1] != self.num_tokens:
             raise ValueError(
                 f"{self.name}: got {input_shape[1]} tokens, expected {self.num_tokens} "
                 f"({self.num_prefix_tokens} prefix + {self.grid_size[0]}x{self.grid_size[1]} grid)."
@@ -248,8 +336,43 @@ class PositionEmbedding(layers.Layer):
         )
         self.built = True
 
-    def call(self, tokens):
-        return tokens + ops.cast(self.embedding, tokens.dtype)
+    def call(self, tokens, images=None):
+        if images is None:
+            return tokens + ops.cast(self.embedding, tokens.dtype)
+        return tokens + ops.cast(self.embedding_for(images), tokens.dtype)
+
+    def input_grid(self, images):
+        """(rows, cols) of tokens for `images` (batch, height, width, channels):
+        Python ints when the size is known while tracing (checked then), else
+        scalar tensors."""
+        if self.patch_pixels is None:
+            raise ValueError(f"{self.name}: built for one grid; it takes no images (patch_pixels=None).")
+        height, width = images.shape[1], images.shape[2]
+        if height is not None and width is not None:
+            if height % self.patch_pixels[0] or width % self.patch_pixels[1]:
+                raise image_size_error(height, width, self.patch_pixels)
+            return height // self.patch_pixels[0], width // self.patch_pixels[1]
+        shape = ops.shape(images)
+        height, width = shape[1], shape[2]
+        rows, cols = height // self.patch_pixels[0], width // self.patch_pixels[1]
+        if keras.backend.backend() == "tensorflow":
+            rows, cols = _checked_in_graph(rows, cols, height, width, self.patch_pixels)
+        return rows, cols
+
+    def embedding_for(self, images):
+        """The (1, prefix + rows*cols, width) embedding for `images`' grid."""
+        rows, cols = self.input_grid(images)
+        if isinstance(rows, int) and isinstance(cols, int) and (rows, cols) == self.grid_size:
+            return self.embedding
+        width = self.embedding.shape[-1]
+        prefix = self.embedding[:, : self.num_prefix_tokens]
+        grid = ops.reshape(self.embedding[0, self.num_prefix_tokens :], (*self.grid_size, width))
+        grid = resample_position_embedding_ops(grid, (rows, cols), self.interpolation)
+        grid = ops.reshape(ops.cast(grid, self.embedding.dtype), (1, -1, width))
+        return ops.concatenate([prefix, grid], axis=1)
+
+    def compute_output_shape(self, tokens_shape, images_shape=None):
+        return tokens_shape
 
     def resized(self, embedding, grid_size=None):
         """Returns `embedding` (numpy, any grid) resized to this layer's grid.
@@ -288,6 +411,8 @@ class PositionEmbedding(layers.Layer):
             num_prefix_tokens=self.num_prefix_tokens,
             interpolation=self.interpolation,
         )
+        if self.patch_pixels is not None:  # absent for one-size models: their files stay as they were
+            config["patch_pixels"] = self.patch_pixels
         return config
 
 

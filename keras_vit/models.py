@@ -23,7 +23,7 @@ import textwrap
 import keras
 from keras import layers
 
-from keras_vit import hybrid, pretrained
+from keras_vit import hybrid, pretrained, registry
 from keras_vit import layers as vit_layers
 
 DEFAULT_IMAGE_SIZE = 224
@@ -49,15 +49,18 @@ APPLICATION_ARGS = """\
             file or a Keras `.weights.h5` file (see `keras_vit.pretrained`).
         input_tensor: optional Keras tensor to use as the image input.
         input_shape: (height, width, 3), multiples of {multiple}; default
-            224x224, or the checkpoint's resolution.
-        pooling: "token" (class token), "gap" (mean of the patch tokens) or
-            None. With include_top the default is "token"; without it, None
+            224x224, or the checkpoint's resolution. (None, None, 3): any
+            size (multiples of {multiple}) at call time; the position
+            embedding keeps the checkpoint's grid (else 224 px) and is
+            resampled to each input's grid with `posemb_interpolation`.
+        pooling: "token" (class token), "gap" (mean of the patch tokens; "avg"
+            is accepted, the keras.applications name) or None. With include_top the default is "token"; without it, None
             returns the whole encoded token sequence (batch, tokens, width).
         classes: head size; default the checkpoint's, else 1000. With
             pretrained weights and another count, a zero-initialised head.
         classifier_activation: activation of the head ("softmax", None, ...).
         include_preprocessing: take pixels in [0, 255] and scale them to
-            [-1, 1] inside the model (else give `preprocess_inputs` values).
+            [-1, 1] inside the model (else give `preprocess_input` values).
         name: model name."""
 
 
@@ -112,7 +115,8 @@ def ViT(
         class_token: prepend a class token (all official ViT checkpoints do).
         gelu_approximate: tanh-approximate GELU, as the official Flax model.
         posemb_interpolation: how a position embedding stored for another
-            grid is resized on load: "zoom" (official) or "bicubic".
+            grid is resized (on load, or at each call for a model of any
+            size): "zoom" (official) or "bicubic".
         stem: optional callable mapping the scaled image tensor to a feature
             map that the patches are taken from (the hybrid models' ResNet).
         architecture: the constructor name ("ViT_B16"), which checkpoint tags
@@ -120,10 +124,12 @@ def ViT(
         **weights_options: `keep_pre_logits`, `expected_sha256` (see
             `keras_vit.pretrained`).
     """
+    if pooling == "avg":  # the keras.applications spelling
+        pooling = "gap"
     if include_top and pooling is None:
         pooling = "token"
     if pooling not in (None, "token", "gap"):
-        raise ValueError(f'Unknown pooling {pooling!r}; use "token", "gap" or None.')
+        raise ValueError(f'Unknown pooling {pooling!r}; use "token", "gap" (or "avg") or None.')
     if include_top and classes is not None and classes < 1:
         raise ValueError(f"classes must be a positive number, got {classes}.")
 
@@ -139,7 +145,12 @@ def ViT(
     )
     classes = plan.classes if plan.classes is not None else 1000
     representation_size = plan.representation_size
-    input_shape = _image_shape(plan.input_shape, input_tensor, vit_layers.as_pair(patch_size), stem)
+    patch_size = vit_layers.as_pair(patch_size)
+    # Input pixels per token: the patch size, times the ResNet's stride for a hybrid.
+    stride = getattr(stem, "stride", 1) if stem is not None else 1
+    patch_pixels = (patch_size[0] * stride, patch_size[1] * stride)
+    input_shape = _image_shape(plan.input_shape, input_tensor, patch_size, stem, patch_pixels)
+    any_size = input_shape[0] is None or input_shape[1] is None
 
     if input_tensor is None:
         inputs = layers.Input(shape=input_shape, name="images")
@@ -151,19 +162,31 @@ def ViT(
     x = inputs
     if include_preprocessing:
         x = vit_layers.pixel_rescaling()(x)
+    images = x
     if stem is not None:
         x = stem(x)
-        _check_feature_map(x.shape[1:3], vit_layers.as_pair(patch_size), input_shape)
+        if not any_size:
+            _check_feature_map(x.shape[1:3], patch_size, input_shape)
 
     patch_encoder = vit_layers.PatchEncoder(patch_size, hidden_size, name="patch_embed")
-    grid_size = patch_encoder.grid_size(x.shape[1:3])
     x = patch_encoder(x)
     if class_token:
         x = vit_layers.ClassToken(name="class_token")(x)
     num_prefix_tokens = 1 if class_token else 0
-    x = vit_layers.PositionEmbedding(
-        grid_size, num_prefix_tokens, posemb_interpolation, name="position_embedding"
-    )(x)
+    if any_size:
+        # The stored embedding keeps one grid (the checkpoint's, else 224 px);
+        # each call resamples it to the images' grid.
+        side = plan.resolution or DEFAULT_IMAGE_SIZE
+        grid_size = (side // patch_pixels[0], side // patch_pixels[1])
+        x = vit_layers.PositionEmbedding(
+            grid_size, num_prefix_tokens, posemb_interpolation, patch_pixels=patch_pixels,
+            name="position_embedding",
+        )(x, images)
+    else:
+        grid_size = (input_shape[0] // patch_pixels[0], input_shape[1] // patch_pixels[1])
+        x = vit_layers.PositionEmbedding(
+            grid_size, num_prefix_tokens, posemb_interpolation, name="position_embedding"
+        )(x)
     x = layers.Dropout(dropout_rate, name="embedding_dropout")(x)
     for index in range(depth):
         x = vit_layers.TransformerBlock(
@@ -202,7 +225,9 @@ def ViT(
 ViT.__doc__ = ViT.__doc__.format(application_args=APPLICATION_ARGS.format(multiple="the patch size"))
 
 
-def _image_shape(input_shape, input_tensor, patch_size, stem):
+def _image_shape(input_shape, input_tensor, patch_size, stem, patch_pixels):
+    """The model's (height, width, 3); height and width may be None (a model
+    of any size, whose inputs are checked when it is called)."""
     if input_shape is None and input_tensor is not None and len(input_tensor.shape) == 4:
         input_shape = tuple(input_tensor.shape[1:])
     if input_shape is None:
@@ -212,10 +237,18 @@ def _image_shape(input_shape, input_tensor, patch_size, stem):
         raise ValueError(f"input_shape must be (height, width, 3), got {input_shape}.")
     height, width = input_shape[:2]
     if height is None or width is None:
-        raise ValueError(
-            f"input_shape {input_shape}: height and width must be fixed numbers "
-            "(the position embedding is sized for one patch grid)."
-        )
+        if stem is not None and not hasattr(stem, "stride"):
+            raise ValueError(
+                f"input_shape {input_shape}: a model of any size needs a stem with a known `stride` "
+                "(keras_vit.hybrid.stem_builder's); give a fixed height and width."
+            )
+        for side, multiple in ((height, patch_pixels[0]), (width, patch_pixels[1])):
+            if side is not None and side % multiple:
+                raise ValueError(
+                    f"input_shape {input_shape}: {side} is not a multiple of {multiple}, the input "
+                    "pixels per token; give a multiple, or None for any size."
+                )
+        return input_shape
     if stem is None and (height % patch_size[0] or width % patch_size[1]):
         raise ValueError(
             f"input_shape {input_shape}: height and width must be multiples of the "
@@ -393,3 +426,31 @@ def get_constructor(name):
         return CONSTRUCTORS[name]
     except KeyError:
         raise ValueError(f"Unknown model {name!r}; choose one of: {', '.join(CONSTRUCTORS)}.") from None
+
+
+def from_name(name, **kwargs):
+    """Builds the model a timm name designates, with that official file:
+
+        keras_vit.from_name("vit_base_patch16_224.augreg_in21k_ft_in1k")
+
+    Only names of files in the registry (`keras_vit.registry.timm_names()`,
+    `keras_vit.list_weights()`); `kwargs` are the constructor's (`classes`,
+    `input_shape`, `include_top`, ...).
+    """
+    names = registry.timm_names()
+    if name not in names:
+        model_name = name.partition(".")[0]
+        architectures = {timm_name.partition(".")[0]: entry.architecture for timm_name, entry in names.items()}
+        architecture = architectures.get(model_name)
+        if architecture is None:
+            raise ValueError(
+                f"Unknown timm name {name!r}: keras_vit has official files for "
+                f"{', '.join(sorted(architectures))} (as model.tag); see keras_vit.list_weights()."
+            )
+        raise ValueError(
+            f"timm name {name!r} is not an official file keras_vit registers; {architecture}'s timm names: "
+            f"{', '.join(registry.timm_tags_for(architecture))}; "
+            f"its tags: {', '.join(registry.tags_for(architecture))}."
+        )
+    entry = names[name]
+    return get_constructor(entry.architecture)(weights=entry.official_name, **kwargs)

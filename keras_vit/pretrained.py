@@ -11,7 +11,9 @@ Accepted values:
                           resized on load
     "in21k", ...          an official checkpoint tag of the model's
                           architecture (`keras_vit.list_weights()`), or a
-                          file's official name ("imagenet21k/ViT-B_16"):
+                          file's official name ("imagenet21k/ViT-B_16"), or
+                          timm's name or tag of the same official file
+                          ("augreg_in21k_ft_in1k", keras_vit.registry):
                           downloaded once, verified and cached
                           (keras_vit.registry, keras_vit.download)
     "path/x.npz"          a local official checkpoint file
@@ -47,6 +49,7 @@ class LoadPlan:
     representation_size: Optional[int] = None
     input_shape: Optional[tuple] = None
     loader: Optional[Callable] = None
+    resolution: Optional[int] = None  # the checkpoint's: the grid a model of any size stores
 
     def load(self, model):
         if self.loader is not None:
@@ -86,7 +89,9 @@ def plan(
         if source is None:
             if path.endswith(".npz"):
                 raise FileNotFoundError(f"Checkpoint file not found: {path}")
-            tags = ", ".join(registry.tags_for(architecture)) if architecture else ""
+            tags = ""
+            if architecture:
+                tags = ", ".join(registry.tags_for(architecture) + registry.timm_tags_for(architecture))
             raise ValueError(
                 f"Unknown weights {path!r}: pass None, a checkpoint tag"
                 + (f" of {architecture} ({tags})" if tags else "")
@@ -124,7 +129,7 @@ def _checkpoint_plan(source, info, include_top, classes, representation_size, in
         loader = lambda model: load_registered(model, source, **load_options)  # noqa: E731
     else:
         loader = lambda model: npz.load_npz(model, source, **load_options)  # noqa: E731
-    return LoadPlan(classes, info.pre_logits if keep else None, input_shape, loader)
+    return LoadPlan(classes, info.pre_logits if keep else None, input_shape, loader, info.resolution)
 
 
 def _keep_pre_logits(info, include_top, new_head, representation_size, keep_pre_logits):

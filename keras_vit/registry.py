@@ -8,7 +8,9 @@ classes and label set, the width of its `pre_logits` layer, the ImageNet
 top-1 its source reports, and its SHA-256 where known. `find_checkpoint`
 resolves a tag for an architecture, or a file's official name
 (`imagenet21k/ViT-B_16`, an AugReg file name, with or without `.npz`, or its
-URL). `list_weights()` prints the table.
+URL), or timm's name of the same file (`vit_base_patch16_224.augreg_in21k_ft_in1k`,
+or its tag alone for an architecture: `timm_checkpoint`). `list_weights()`
+prints the table (`keras_vit.from_name` builds a model from a timm name).
 """
 
 import dataclasses
@@ -41,6 +43,7 @@ class Checkpoint:
     aliases: tuple = ()
     sha256_source: Optional[str] = None
     note: Optional[str] = None
+    timm: tuple = ()  # timm's "model.pretrained_tag" names of this same file
 
     @property
     def url(self):
@@ -66,7 +69,10 @@ def registry():
     """All registered checkpoints, in the order of weights/checkpoints.json."""
     text = (importlib.resources.files("keras_vit.assets") / REGISTRY_FILE).read_text(encoding="utf-8")
     rows = json.loads(text)["checkpoints"]
-    return tuple(Checkpoint(**dict(row, aliases=tuple(row.get("aliases", ())))) for row in rows)
+    return tuple(
+        Checkpoint(**dict(row, aliases=tuple(row.get("aliases", ())), timm=tuple(row.get("timm", ()))))
+        for row in rows
+    )
 
 
 def _normalise_name(name):
@@ -98,6 +104,9 @@ def find_checkpoint(name, architecture=None):
                 f"{architecture}: build it with keras_vit.{entry.architecture}."
             )
         return entry
+    entry = timm_checkpoint(name, architecture)
+    if entry is not None:
+        return entry
     matches = [entry for entry in registry() if name in entry.short_names()]
     if not matches:
         return None
@@ -114,6 +123,52 @@ def find_checkpoint(name, architecture=None):
         f"No {name!r} checkpoint for {architecture} (its tags: {available}); "
         "see keras_vit.list_weights()."
     )
+
+
+# timm names. Each registry entry's "timm" field lists the timm model names
+# ("vit_base_patch16_224.augreg_in21k_ft_in1k") whose weights are that same
+# official file: read from the default_cfgs of timm 1.0.31's
+# timm/models/vision_transformer.py and vision_transformer_hybrid.py (a cfg's
+# url names the official file; timm's jx_*.pth files are its converted copies
+# of the original paper's files). Only files of weights/checkpoints.json.
+
+
+def timm_names():
+    """{timm model name: registry entry} for every mapped file."""
+    return {name: entry for entry in registry() for name in entry.timm}
+
+
+def timm_checkpoint(name, architecture=None):
+    """The entry a timm name designates, or None when `name` is not one.
+
+    `name` is a full timm name ("vit_base_patch16_224.augreg_in21k_ft_in1k")
+    or, with an architecture, its pretrained tag alone ("augreg_in21k_ft_in1k"),
+    which must then name one file of that architecture.
+    """
+    names = timm_names()
+    if name in names:
+        entry = names[name]
+        if architecture is not None and entry.architecture != architecture:
+            raise ValueError(
+                f"timm weights {name!r} are {entry.official_name!r}, for {entry.architecture}, not "
+                f"{architecture}: build it with keras_vit.{entry.architecture} or keras_vit.from_name."
+            )
+        return entry
+    if architecture is None or "." in name:
+        return None
+    full = [timm_name for timm_name, entry in names.items()
+            if entry.architecture == architecture and timm_name.split(".", 1)[1] == name]
+    if len(full) > 1:
+        raise ValueError(
+            f"timm tag {name!r} names {len(full)} files for {architecture}: pass the full timm name, "
+            f"one of {', '.join(full)}."
+        )
+    return names[full[0]] if full else None
+
+
+def timm_tags_for(architecture):
+    """The timm names of `architecture`'s registered files."""
+    return [name for name, entry in timm_names().items() if entry.architecture == architecture]
 
 
 # The AugReg release names each file after its run (How to train your ViT,

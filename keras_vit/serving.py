@@ -25,6 +25,12 @@ default) take the pixels as they are; others get `preprocess_inputs`'
 [-1, 1] scaling inside the graph. Bad input (not an image, wrong rank or
 channels, an empty batch) fails with an error that names the problem.
 
+Native resolution: with `any_size=True` (`keras-vit export --any-size`) and
+a model built with `input_shape=(None, None, 3)`, nothing is resized to one
+size: serving_default classifies each image at its own size and serve_pixels
+each batch at its size, rounded to the nearest multiple of the model's pixels
+per token (at least one token); serve_float takes any multiple as it is.
+
 TF Serving runs graphs, so this module needs the TensorFlow backend; it
 imports TensorFlow only when called, so `import keras_vit` works without it.
 """
@@ -52,6 +58,7 @@ def export_for_serving(
     top_k=DEFAULT_TOP_K,
     model_takes_pixels=None,
     overwrite=False,
+    any_size=False,
 ):
     """Writes `model` as a TF Serving SavedModel in `export_dir/<version>/`.
 
@@ -69,12 +76,15 @@ def export_for_serving(
             [-1, 1] values (False). Default: True when the model has a
             `Rescaling` layer (keras_vit's `include_preprocessing=True`).
         overwrite: replace an existing version folder instead of failing.
+        any_size: serve at each image's own size (rounded to the model's
+            pixels per token) instead of resizing to one size; needs a model
+            built with `input_shape=(None, None, 3)`.
 
     Returns:
         The path of the written version folder.
     """
     _require_tensorflow_backend()
-    plan = _plan(model, class_names, top_k, model_takes_pixels)  # checks everything, writes nothing
+    plan = _plan(model, class_names, top_k, model_takes_pixels, any_size)  # checks everything, writes nothing
     version_dir, _ = _version_dir(export_dir, version, overwrite)
     module = _saveable(_ServingGraph(model, plan).functions(), plan.class_names)
     _write_atomically(module, export_dir, version_dir)
@@ -103,11 +113,12 @@ def outputs_are_logits(model):
 
 
 class _Plan(NamedTuple):
-    height: int
+    height: int  # None with any_size
     width: int
     class_names: list
     top_k: int
     model_takes_pixels: bool
+    multiple: tuple = None  # with any_size: (rows, cols) pixels per token
 
 
 def _require_tensorflow_backend():
@@ -118,18 +129,33 @@ def _require_tensorflow_backend():
         )
 
 
-def _plan(model, class_names, top_k, model_takes_pixels):
-    height, width, classes = _classifier_shape(model)
+def _plan(model, class_names, top_k, model_takes_pixels, any_size=False):
+    height, width, classes = _classifier_shape(model, any_size)
+    multiple = _pixels_per_token(model) if any_size else None
     names = _class_names(class_names, classes)
     top_k = int(top_k)
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}.")
     if model_takes_pixels is None:
         model_takes_pixels = any(isinstance(layer, keras.layers.Rescaling) for layer in model.layers)
-    return _Plan(height, width, names, min(top_k, classes), bool(model_takes_pixels))
+    return _Plan(height, width, names, min(top_k, classes), bool(model_takes_pixels), multiple)
 
 
-def _classifier_shape(model):
+def _pixels_per_token(model):
+    """A keras_vit model of any size's input pixels per token (rows, cols)."""
+    try:
+        multiple = model.get_layer("position_embedding").patch_pixels
+    except (ValueError, AttributeError):
+        multiple = None
+    if multiple is None:
+        raise ValueError(
+            f"any_size=True needs a keras_vit model built with input_shape=(None, None, 3); "
+            f"{model.name!r} has no position embedding of any size."
+        )
+    return tuple(int(m) for m in multiple)
+
+
+def _classifier_shape(model, any_size=False):
     input_shape = model.input_shape
     output_shape = model.output_shape
     if isinstance(input_shape, list) or len(input_shape) != 4 or input_shape[-1] != 3:
@@ -143,8 +169,18 @@ def _classifier_shape(model):
             f"returns {output_shape} (build it with include_top=True)."
         )
     height, width = input_shape[1:3]
+    if any_size:
+        if height is not None or width is not None:
+            raise ValueError(
+                f"any_size=True needs a model of any input size; {model.name!r} takes {input_shape}: "
+                "build it with input_shape=(None, None, 3)."
+            )
+        return None, None, int(output_shape[-1])
     if height is None or width is None:
-        raise ValueError(f"export_for_serving needs a fixed input size; {model.name!r} takes {input_shape}.")
+        raise ValueError(
+            f"export_for_serving needs a fixed input size; {model.name!r} takes {input_shape}: pass "
+            "any_size=True (--any-size) to serve each image at its own size."
+        )
     return int(height), int(width), int(output_shape[-1])
 
 
@@ -220,6 +256,15 @@ class _ServingGraph:
 
         height, width = self.plan.height, self.plan.width
         images = tf.ensure_shape(_check_input(images, "serving_default", rank=1), (None,))
+        if self.plan.multiple is not None:
+            # Each image at its own size: one model call per image.
+            def scores(encoded):
+                pixels = _decode_image(encoded, size=None)
+                return self.scores(self.native_size(pixels[None]))[0]
+
+            return self.outputs(tf.map_fn(
+                scores, images, fn_output_signature=tf.TensorSpec((len(self.plan.class_names),), tf.float32),
+            ))
         pixels = tf.map_fn(
             functools.partial(_decode_image, size=(height, width)), images,
             fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32),
@@ -238,21 +283,44 @@ class _ServingGraph:
         import tensorflow as tf
 
         height, width = self.plan.height, self.plan.width
+        if self.plan.multiple is not None:
+            images = _check_input(images, "serve_float", rank=4, channels=3, multiple=self.plan.multiple)
+            return self.classify(tf.ensure_shape(images, (None, None, None, 3)))
         images = _check_input(images, "serve_float", rank=4, channels=3, size=(height, width))
         return self.classify(tf.ensure_shape(images, (None, height, width, 3)))
+
+    def native_size(self, pixels):
+        """float32 [0, 255] (batch, H, W, 3) -> resized to the nearest multiple
+        of the pixels per token (at least one token), scaled as the model expects."""
+        import tensorflow as tf
+
+        size = tf.cast(tf.shape(pixels)[1:3], tf.float32)
+        multiple = tf.constant(self.plan.multiple, tf.float32)
+        rounded = tf.maximum(tf.floor(size / multiple + 0.5), 1.0) * multiple
+        pixels = tf.image.resize(pixels, tf.cast(rounded, tf.int32), method="bilinear")
+        return pixels if self.plan.model_takes_pixels else scale_pixels(pixels)
 
     def classify_pixels(self, pixels):
         """float32 [0, 255] pixels of any size -> resized, scaled as the model expects -> outputs."""
         import tensorflow as tf
 
+        if self.plan.multiple is not None:
+            return self.classify(self.native_size(pixels))
         pixels = tf.image.resize(pixels, (self.plan.height, self.plan.width), method="bilinear")
         return self.classify(pixels if self.plan.model_takes_pixels else scale_pixels(pixels))
 
+    def scores(self, images):
+        """float32 (batch, H, W, 3) in the model's own input range -> probabilities."""
+        return probabilities(self.model, self.model(images, training=False))
+
     def classify(self, images):
         """float32 (batch, H, W, 3) in the model's own input range -> the four outputs."""
+        return self.outputs(self.scores(images))
+
+    def outputs(self, scores):
+        """(batch, classes) probabilities -> the four outputs."""
         import tensorflow as tf
 
-        scores = probabilities(self.model, self.model(images, training=False))
         best = tf.math.top_k(scores, k=self.plan.top_k)
         return {
             "probabilities": scores,
@@ -262,7 +330,7 @@ class _ServingGraph:
         }
 
 
-def _check_input(images, name, rank, channels=None, size=None):
+def _check_input(images, name, rank, channels=None, size=None, multiple=None):
     """`images` once its rank, batch, channels and size are as signature `name`
     needs; else the graph fails with a message naming the problem. Each check
     runs after the previous one (a rank-0 input has no batch to look at)."""
@@ -282,6 +350,12 @@ def _check_input(images, name, rank, channels=None, size=None):
             lambda shape: tf.reduce_all(tf.equal(shape[1:3], size)),
             f"{name}: images must be {size[0]}x{size[1]} (resize them, or use serve_pixels), got shape",
         ))
+    if multiple is not None:
+        checks.append((
+            lambda shape: tf.reduce_all(tf.equal(shape[1:3] % multiple, 0)),
+            f"{name}: height and width must be multiples of {multiple[0]} and {multiple[1]} "
+            "(resize them, or use serve_pixels), got shape",
+        ))
     previous = []
     for condition, message in checks:
         with tf.control_dependencies(previous):
@@ -292,7 +366,8 @@ def _check_input(images, name, rank, channels=None, size=None):
 
 
 def _decode_image(encoded, size):
-    """One encoded image file -> float32 [0, 255] pixels, bilinearly resized to `size`."""
+    """One encoded image file -> float32 [0, 255] pixels, bilinearly resized
+    to `size` (None: at its own size)."""
     import tensorflow as tf
 
     is_image = tf.debugging.Assert(
@@ -302,6 +377,8 @@ def _decode_image(encoded, size):
     )
     with tf.control_dependencies([is_image]):
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    if size is None:
+        return tf.ensure_shape(tf.cast(image, tf.float32), (None, None, 3))
     image = tf.image.resize(image, size, method="bilinear")
     return tf.ensure_shape(image, (*size, 3))
 

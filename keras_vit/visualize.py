@@ -1,7 +1,8 @@
 """What a Vision Transformer looks at: the paper's Figures 6 and 7.
 
 Attention maps (Figure 6), for any model built by keras_vit and any input
-size, square or not:
+size, square or not (a model built with `input_shape=(None, None, 3)` at
+each batch's own size):
 
     heatmaps = visualize.attention_rollout_maps(model, images)   # (batch, rows, cols)
     visualize.save_attention_overlay(images, heatmaps, "attention.png")
@@ -26,9 +27,21 @@ import numpy as np
 # ---------------------------------------------------------------------------
 
 
-def _layout(model):
-    """(rows, cols) of the patch grid, prefix tokens, and pixels per patch."""
+def _layout(model, images=None):
+    """(rows, cols) of the patch grid, prefix tokens, and pixels per patch,
+    for `images` (batch, height, width, 3): a model of any input size
+    (`input_shape=(None, None, 3)`) takes its grid from their size."""
     posemb = model.get_layer("position_embedding")
+    if getattr(posemb, "patch_pixels", None) is not None:
+        if images is None:
+            raise ValueError(f"Model {model.name!r} takes any input size: pass the images.")
+        height, width = np.shape(images)[1:3]
+        if height % posemb.patch_pixels[0] or width % posemb.patch_pixels[1]:
+            from keras_vit.layers import image_size_error
+
+            raise image_size_error(height, width, posemb.patch_pixels)
+        return ((height // posemb.patch_pixels[0], width // posemb.patch_pixels[1]),
+                posemb.num_prefix_tokens, tuple(float(p) for p in posemb.patch_pixels))
     rows, cols = posemb.grid_size
     height, width = model.input_shape[1:3]
     # From the input size, not the patch layer: a hybrid's patches are taken
@@ -95,7 +108,7 @@ def rollout_maps(rollout, grid_size, num_prefix_tokens=1):
 
 def attention_rollout_maps(model, images, batch_size=8):
     """Figure 6 for a keras_vit model: (batch, rows, cols) attention maps."""
-    grid_size, num_prefix_tokens, _ = _layout(model)
+    grid_size, num_prefix_tokens, _ = _layout(model, images)
     rollout = attention_rollout(attention_weights(model, images, batch_size))
     return rollout_maps(rollout, grid_size, num_prefix_tokens)
 
@@ -221,7 +234,7 @@ def mean_attention_distance(attentions, grid_size, patch_pixels=(1.0, 1.0), num_
 
 def attention_distances(model, images, batch_size=8):
     """Figure 7 (right) for a keras_vit model: (blocks, heads) distances in pixels."""
-    grid_size, num_prefix_tokens, patch_pixels = _layout(model)
+    grid_size, num_prefix_tokens, patch_pixels = _layout(model, images)
     attentions = attention_weights(model, images, batch_size)
     return mean_attention_distance(attentions, grid_size, patch_pixels, num_prefix_tokens)
 
