@@ -213,6 +213,15 @@ def _load_model(name, weights, input_shape=None):
     return constructor(weights=weights, input_shape=input_shape), label_set, weights or "random weights"
 
 
+def _input_size(model):
+    """The model's input size; for a model of any size, the size its position embedding was stored for."""
+    size = tuple(model.input_shape[1:3])
+    if None in size:
+        posemb = model.get_layer("position_embedding")
+        size = tuple(g * p for g, p in zip(posemb.grid_size, posemb.patch_pixels))
+    return size
+
+
 def _run_predict(args):
     import keras
     import numpy as np
@@ -226,7 +235,7 @@ def _run_predict(args):
     model, label_set, source = _load_model(args.model, args.weights)
     classes = model.output_shape[-1]
     names = vit_labels.class_names(classes, args.labels or label_set)
-    batch = _resize_images(images, model.input_shape[1:3])
+    batch = _resize_images(images, _input_size(model))
     scores = keras.ops.convert_to_numpy(serving.probabilities(model, model.predict(batch, batch_size=8, verbose=0)))
     if args.weights is None and not args.model.endswith(MODEL_FILE_SUFFIX):
         print(f"note: {args.model} has random weights, so these predictions mean nothing; "

@@ -376,3 +376,23 @@ def test_timm_tag_as_weights_and_from_name(monkeypatch):
     with pytest.raises(ValueError) as error:
         keras_vit.ViT_B16(weights="augreg2_in21k_ft_in1k", include_top=False)
     assert "augreg_in21k+in1k" in _one_line(error)
+
+
+def test_cli_predict_feeds_a_model_of_any_size_at_its_stored_resolution(tmp_path, capsys):
+    import tensorflow as tf
+    from PIL import Image
+
+    from keras_vit import cli
+
+    model = keras_vit.ViT(**TINY_VIT, input_shape=(None, None, 3), classes=5)
+    randomize_head(model)
+    path = str(tmp_path / "any.keras")
+    model.save(path)
+    image = str(tmp_path / "image.png")
+    Image.fromarray(images(1, shape=(40, 56, 3))[0].astype("uint8")).save(image)
+    assert cli.main(["predict", image, "--model", path, "--top", "1"]) == 0
+    printed = capsys.readouterr().out
+    side = model.get_layer("position_embedding").grid_size[0] * TINY_VIT["patch_size"]  # 224 px by default
+    pixels = np.asarray(Image.open(image).convert("RGB"), dtype=np.float32)
+    scores = model.predict(tf.image.resize(pixels[None], (side, side)).numpy(), verbose=0)[0]
+    assert f"1. {scores.max():.4f}  class_{scores.argmax()}" in printed
