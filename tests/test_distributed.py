@@ -212,6 +212,7 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
         stdout = run_all(**{name: argv[name, "killed"] for name in KILL_STRATEGIES})
     finally:
         done = finish(references)
+    differences = {}
     for name in KILL_STRATEGIES:
         _, stderr, code = done[name]
         assert code == 0, (name, stderr[-3000:])
@@ -221,11 +222,14 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
         assert after["start_step"] == saved[name]
         assert after["steps"] == results(uninterrupted)["steps"] == 100
         # Only the steps after the checkpoint were run again: one log line per remaining interval.
-        assert len(after["history"]["loss"]) == (100 - saved[name]) // 10
         losses = after["history"]["loss"]
-        np.testing.assert_allclose(losses, results(uninterrupted)["history"]["loss"][-len(losses):], rtol=1e-6)
-        for a, b in zip(weights(resumed), weights(uninterrupted)):
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=name)
+        assert len(losses) == (100 - saved[name]) // 10
+        differences[name] = {
+            "weights": max(float(np.abs(a - b).max()) for a, b in zip(weights(resumed), weights(uninterrupted))),
+            "losses": float(np.abs(np.subtract(losses, results(uninterrupted)["history"]["loss"][-len(losses):])).max()),
+        }
+    # Both strategies checked before failing: float round-off at most.
+    assert all(d["weights"] <= 1e-6 and d["losses"] <= 1e-6 for d in differences.values()), differences
 
 
 def test_pretrain_and_one_line_errors(tmp_path):
