@@ -143,10 +143,10 @@ def test_multi_worker_mirrored_over_two_processes_equals_one_device(tmp_path):
         np.testing.assert_array_equal(a, b)
     reference = weights(single)
     assert not all(np.allclose(a, 0) for a in reference[-2:])  # the zero-initialised head learned
-    # Float round-off only: the all-reduce sums the two halves in another order.
+    # Float round-off only (3e-8 seen): the all-reduce sums the two halves in another order.
     for a, b in zip(weights(chief), reference):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(results(chief)["history"]["loss"], results(single)["history"]["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(results(chief)["history"]["loss"], results(single)["history"]["loss"], rtol=1e-6)
 
 
 def _saved_step(model_dir):
