@@ -20,7 +20,10 @@ crop (`sample_distorted_bounding_box`, area 5%-100%), a resize to the
 training resolution and a random horizontal flip; RandAugment and MixUp (as
 in AugReg) come from Keras's own preprocessing layers. Evaluation examples are
 resized whole (official), or resized and centre-cropped with `crop_fraction`.
-Every random choice is seeded: the same seed gives the same batches.
+Every random choice is seeded: the same seed gives the same batches, and
+batch number s is a function of (seed, s) alone, so a run resumed at step s
+(`train_dataset(..., start_step=s)`) sees exactly the batches an uninterrupted
+run sees from step s on (see `train_dataset`).
 """
 
 import dataclasses
@@ -62,10 +65,16 @@ DIGITS = "digits"
 
 @dataclasses.dataclass
 class Source:
-    """The undecorated examples of one split: (uint8 image, int label) pairs.
+    """The undecorated examples of one split: (record, int label) pairs.
 
-    `read(shuffle_files, seed)` makes the `tf.data.Dataset`. `crop_area` and
-    `flip` are the dataset's training-augmentation defaults.
+    `read(shuffle_files, seed)` makes the `tf.data.Dataset` of the records,
+    in an order that depends only on `seed` (never on how often it was read).
+    A record is a uint8 image, or what `decode(record, label)` turns into
+    `(uint8 image, label)` (an encoded image, a file name): pipelines skip
+    records without decoding them. `examples`, when set, are all the
+    `(records, labels)` as arrays: training then draws each example by its
+    index (random access) instead of reading a stream. `crop_area` and `flip`
+    are the dataset's training-augmentation defaults.
     """
 
     name: str
@@ -75,6 +84,8 @@ class Source:
     read: Callable[[bool, int], tf.data.Dataset]
     crop_area: tuple = (0.05, 1.0)
     flip: bool = True
+    decode: Optional[Callable] = None
+    examples: Optional[tuple] = None
 
 
 def available_datasets():
@@ -128,11 +139,17 @@ def subset(source, num_examples):
     if num_examples < 1 or (total is not None and num_examples > total):
         raise ValueError(f"Cannot take {num_examples} examples of {source.name} ({total or 'unknown'} in its "
                          f"{source.split} split): use 1..{total}.")
+    if source.examples is not None:  # in memory: the first examples of a fixed permutation
+        records, labels = source.examples
+        chosen = np.random.default_rng(SUBSET_SEED).permutation(len(labels))[:num_examples]
+        examples = (records[chosen], labels[chosen])
+        return dataclasses.replace(source, num_examples=num_examples, examples=examples,
+                                   read=lambda shuffle_files, seed: tf.data.Dataset.from_tensor_slices(examples))
     buffer = min(total or MAX_SHUFFLE_BUFFER, MAX_SHUFFLE_BUFFER)
 
     def read(shuffle_files, seed):
         del shuffle_files, seed  # the subset is fixed; the training pipeline shuffles it
-        ds = source.read(False, SUBSET_SEED)
+        ds = source.read(False, SUBSET_SEED)  # records: shuffled before they are decoded
         return ds.shuffle(buffer, seed=SUBSET_SEED, reshuffle_each_iteration=False).take(num_examples)
 
     return dataclasses.replace(source, num_examples=num_examples, read=read)
@@ -170,18 +187,29 @@ def _tfds_source(name, split, data_dir, tfds_split, download):
             ds = builder.as_dataset(
                 split=tfds_split,
                 shuffle_files=shuffle_files,
-                read_config=tfds.ReadConfig(shuffle_seed=seed),
+                # The same file order every time it is read: a resumed run
+                # re-reads the files in the order of the run it continues.
+                read_config=tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False),
+                # Only the image (left encoded: decode() decodes the records kept) and the label;
+                # read as features, not as_supervised: dtd and others have no supervised keys.
+                decoders=tfds.decode.PartialDecoding(
+                    {"image": True, "label": True}, decoders={"image": tfds.decode.SkipDecoding()}
+                ),
             )
         except AssertionError as error:  # TFDS's "could not find data"
             raise ValueError(f"{name}: {first_line(error)}") from error
-        # The "image" and "label" features (not as_supervised: dtd and others have no supervised keys).
         return ds.map(lambda example: (example["image"], tf.cast(example["label"], tf.int32)))
+
+    image_feature = builder.info.features["image"]
+
+    def decode(record, label):
+        return image_feature.decode_example(record), label
 
     try:  # split sizes: unknown for mock data
         num_examples = builder.info.splits[tfds_split].num_examples
     except (KeyError, ValueError, AssertionError):
         num_examples = None
-    return Source(name, split, builder.info.features["label"].num_classes, num_examples, read)
+    return Source(name, split, builder.info.features["label"].num_classes, num_examples, read, decode=decode)
 
 
 # ---------------------------------------------------------------------------
@@ -220,12 +248,12 @@ def _digits_source(split):
     images, labels = (x_train, y_train) if split == "train" else (x_test, y_test)
 
     def read(shuffle_files, seed):
-        del shuffle_files, seed  # in memory: the shuffle buffer holds all of it
+        del shuffle_files, seed  # in memory: training draws the examples by index
         return tf.data.Dataset.from_tensor_slices((images, labels))
 
     # Digits are not mirror-symmetric, and each 8x8 image is already a tight,
     # centred crop of its digit: crops keep most of it.
-    return Source(DIGITS, split, 10, len(labels), read, crop_area=(0.8, 1.0), flip=False)
+    return Source(DIGITS, split, 10, len(labels), read, crop_area=(0.8, 1.0), flip=False, examples=(images, labels))
 
 
 # ---------------------------------------------------------------------------
@@ -253,12 +281,13 @@ def _folder_source(root, split):
     if not files:
         raise ValueError(f"Image folder {root} has no {split} images ({', '.join(IMAGE_EXTENSIONS)}).")
 
-    def read(shuffle_files, seed):
-        del shuffle_files, seed  # one file per example: the shuffle buffer shuffles them
-        ds = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, np.int32)))
-        return ds.map(_decode_file, num_parallel_calls=AUTOTUNE)
+    labels = np.asarray(labels, np.int32)
 
-    return Source(root, split, len(class_names), len(files), read)
+    def read(shuffle_files, seed):
+        del shuffle_files, seed  # file names: training draws them by index
+        return tf.data.Dataset.from_tensor_slices((files, labels))
+
+    return Source(root, split, len(class_names), len(files), read, decode=_decode_file, examples=(files, labels))
 
 
 def _class_folders(directory):
@@ -315,49 +344,125 @@ def train_dataset(
     mixup=None,
     shuffle_buffer=None,
 ):
-    """An endless stream of augmented training batches, deterministic in `seed`.
+    """An endless stream of augmented training batches, positioned by step.
+
+    Batch number s is a function of (seed, s) alone: the dataset made with
+    `start_step=s` yields batches s, s+1, ... of the dataset made with
+    `start_step=0`, identical to the last bit, so a run killed and resumed at
+    step s trains on the batches an uninterrupted run trains on (with the
+    same `seed`, source and arguments, RandAugment and MixUp included).
+
+    Example number p of the stream (p = step * batch_size + i) is example
+    `p % n` of epoch `p // n` (n examples). Each epoch's order is its own
+    permutation, seeded by (seed, epoch): a stateless index permutation for
+    sources with `examples` (digits, image folders: nothing before the start
+    is read), else (TFDS) a shuffle buffer over the records in the seeded file
+    order, where a resumed run skips the records of its epoch before its
+    start without decoding them. Crops and flips are seeded by (seed, p),
+    RandAugment and MixUp by (seed, s) (their seed generators are set before
+    each batch).
 
     Args:
         source: a `Source` (see `source()`).
         image_size: the training resolution (square).
         batch_size: the global batch size; `tf.distribute` splits it across
-            replicas (and workers: the dataset is sharded by example).
+            replicas (and workers: every worker computes the same stream and
+            keeps its share, `AutoShardPolicy.DATA`).
         seed: all randomness (file order, shuffling, crops, flips,
             RandAugment, MixUp) derives from it.
-        start_step: the step a resumed run starts from; it re-seeds the
-            stream so a resumed run does not replay the batches it already saw.
+        start_step: the step a resumed run starts from: the first batch is
+            batch `start_step` of the stream.
         value_range: the model's input range (`input_range(model)`).
         crop_area: Inception-crop area range; default the source's (5%-100%).
         flip: random horizontal flips; default the source's (all but digits).
         randaugment: None, or the RandAugment magnitude factor in [0, 1] of
             `keras.layers.RandAugment` (2 ops; Keras picks the ops per batch).
         mixup: None, or the MixUp alpha (AugReg uses 0.2 or 0.5).
-        shuffle_buffer: default min(examples, 50,000).
+        shuffle_buffer: for sources without `examples` (TFDS), the shuffle
+            buffer; default min(examples, 50,000).
     """
+    if start_step < 0:
+        raise ValueError(f"start_step must be 0 or more, got {start_step}.")
     crop_area = tuple(crop_area or source.crop_area)
     flip = source.flip if flip is None else flip
-    seed = _stream_seed(seed, start_step)
-    buffer = shuffle_buffer or min(source.num_examples or 10_000, MAX_SHUFFLE_BUFFER)
+    seed = int(seed)
+    first = int(start_step) * int(batch_size)  # the position of the first example
 
-    def augment(index, example):
-        image, label = example
-        crop_seed, flip_seed = tf.unstack(
-            tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), index]), 2)
-        )
+    if source.examples is not None:
+        records = _positioned_by_index(source, seed, first)
+    else:
+        records = _positioned_stream(source, seed, first, shuffle_buffer)
+
+    def augment(position, record, label):
+        image, label = source.decode(record, label) if source.decode else (record, label)
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(_key(seed, _EXAMPLE, position), 2))
         image = inception_crop(image, image_size, crop_area, crop_seed)
         if flip:
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         return image, tf.one_hot(label, source.num_classes)
 
-    ds = source.read(True, seed)
-    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     # Stateless ops seeded by the example's position: parallel and deterministic.
-    ds = ds.enumerate().map(augment, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    # Keras's augmentation layers draw from one seed generator: a sequential map
-    # keeps their draws in a fixed order.
-    ds = ds.map(_batch_augmentation(value_range, randaugment, mixup, seed))
+    ds = records.map(augment, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True).enumerate(start=int(start_step))
+    augment_batch, stateful = _batch_augmentation(value_range, randaugment, mixup, seed)
+    # Keras's augmentation layers draw from seed generators (variables): a
+    # sequential map, which sets them from the batch number before each batch.
+    if stateful:
+        ds = ds.map(augment_batch)
+    else:
+        ds = ds.map(augment_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
     return _with_options(ds).prefetch(AUTOTUNE)
+
+
+# What a key seeds: an example's crop and flip, an epoch's order, a batch's Keras layers.
+_EXAMPLE, _ORDER, _BATCH = 0, 1, 2
+
+
+def _key(seed, purpose, *values):
+    """A stateless-RNG seed (shape [2], int64) for `purpose` and `values` (ints or int64 scalars)."""
+    key = tf.constant([seed, purpose], tf.int64)
+    for value in values:
+        key = tf.random.experimental.stateless_fold_in(key, tf.cast(value, tf.int64))
+    return key
+
+
+def _positioned_by_index(source, seed, first):
+    """(position, record, label) from position `first` on; position p is
+    example `p % n` of epoch `p // n`, drawn by a stateless index permutation."""
+    records, labels = source.examples
+    count = len(labels)
+    if not count:
+        raise ValueError(f"{source.name} ({source.split}) has no examples to train on.")
+    records, labels = tf.constant(records), tf.constant(labels)
+
+    def lookup(position):
+        epoch, offset = position // count, position % count
+        index = tf.random.experimental.index_shuffle(offset, _key(seed, _ORDER, epoch), count - 1)
+        return position, tf.gather(records, index), tf.gather(labels, index)
+
+    return tf.data.Dataset.counter(start=first, dtype=tf.int64).map(lookup)
+
+
+def _positioned_stream(source, seed, first, shuffle_buffer):
+    """(position, record, label) from position `first` on, for a source read as
+    a stream: each epoch is its records, in the seeded file order, through a
+    shuffle buffer seeded by (seed, epoch). The records of the first epoch
+    before `first` are read and skipped, not decoded."""
+    records = source.read(True, seed)
+    count = source.num_examples
+    if count is None:  # unknown split size (e.g. TFDS mock data): count once
+        count = int(records.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+    if not count:
+        raise ValueError(f"{source.name} ({source.split}) has no examples to train on.")
+    buffer = shuffle_buffer or min(count, MAX_SHUFFLE_BUFFER)
+
+    def epoch(number):
+        # take(count): an epoch is exactly `count` records, whatever the reader.
+        return _shuffle(records, buffer, _key(seed, _ORDER, number)).take(count)
+
+    start_epoch, offset = divmod(first, count)
+    ds = tf.data.Dataset.counter(start=start_epoch, dtype=tf.int64).flat_map(epoch).skip(offset)
+    return ds.enumerate(start=first).map(lambda position, example: (position, *example))
 
 
 def eval_dataset(source, image_size, batch_size, *, value_range=(0.0, 255.0), crop_fraction=1.0,
@@ -372,7 +477,10 @@ def eval_dataset(source, image_size, batch_size, *, value_range=(0.0, 255.0), cr
         image = center_crop(image, image_size, crop_fraction, keep_aspect)
         return scale(image, value_range), tf.one_hot(label, source.num_classes)
 
-    ds = source.read(False, 0).map(preprocess, num_parallel_calls=AUTOTUNE)
+    ds = source.read(False, 0)
+    if source.decode:
+        ds = ds.map(source.decode, num_parallel_calls=AUTOTUNE)
+    ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return _with_options(ds).prefetch(AUTOTUNE)
 
@@ -417,28 +525,74 @@ def scale(images, value_range):
     raise ValueError(f"value_range must be (0, 255) or (-1, 1) (see input_range(model)), got {value_range}.")
 
 
+def _shuffle(ds, buffer, key):
+    """`ds.shuffle(buffer)` seeded by `key`, an int64 tensor [2] (here: made
+    from the epoch number). `Dataset.shuffle` takes a tensor seed only when no
+    global seed is set (with `tf.random.set_seed(0)` it fails in a traced
+    function), so this calls its op, as it does, with the key as its seeds."""
+    specs = tf.nest.flatten(ds.element_spec)
+    variant = tf.raw_ops.ShuffleDatasetV3(
+        input_dataset=tf.data.experimental.to_variant(ds),
+        buffer_size=tf.constant(buffer, tf.int64),
+        seed=key[0],
+        seed2=key[1],
+        seed_generator=tf.raw_ops.DummySeedGenerator(),
+        output_types=[spec.dtype for spec in specs],
+        output_shapes=[spec.shape for spec in specs],
+        reshuffle_each_iteration=False,
+    )
+    return tf.data.experimental.from_variant(variant, ds.element_spec)
+
+
 def _batch_augmentation(value_range, randaugment, mixup, seed):
+    """(batch number, (images, labels)) -> augmented (images, labels), and
+    whether it is stateful (Keras layers: it must run in a sequential map)."""
     import keras
 
-    rand_augment = None
+    layers = []
     if randaugment is not None:
-        rand_augment = keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=randaugment, seed=seed)
-    mix = keras.layers.MixUp(alpha=mixup, seed=seed + 1) if mixup else None
+        layers.append(keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=randaugment, seed=seed))
+    if mixup:
+        layers.append(keras.layers.MixUp(alpha=mixup, seed=seed + 1))
+    generators = [g for layer in layers for g in _tf_seed_generators(layer)]
 
-    def apply(images, labels):
-        if rand_augment is not None:
-            images = rand_augment(images, training=True)
-        if mix is not None:
-            mixed = mix({"images": images, "labels": labels}, training=True)
-            images, labels = mixed["images"], mixed["labels"]
+    def apply(number, batch):
+        images, labels = batch
+        # Every draw of the layers for batch `number` follows from this state,
+        # whatever batches this pipeline (or another process) made before.
+        for index, generator in enumerate(generators):
+            state = tf.random.stateless_uniform(
+                [2], _key(seed, _BATCH, number, index), minval=0, maxval=2**31 - 1, dtype=tf.int64
+            )
+            generator.state.assign(tf.cast(state, generator.state.dtype))
+        for layer in layers:
+            if isinstance(layer, keras.layers.MixUp):
+                mixed = layer({"images": images, "labels": labels}, training=True)
+                images, labels = mixed["images"], mixed["labels"]
+            else:
+                images = layer(images, training=True)
         return scale(images, value_range), labels
 
-    return apply
+    return apply, bool(generators)
 
 
-def _stream_seed(seed, start_step):
-    # A resumed run draws a new, still deterministic, stream.
-    return int(seed) if not start_step else int((int(seed) * 1_000_003 + int(start_step)) % (2**31 - 1))
+def _tf_seed_generators(layer):
+    """The seed generators `layer` (and the layers inside it) draw from in a
+    tf.data pipeline. Keras picks them per backend (`_get_seed_generator`):
+    on another backend than TensorFlow, this makes the TensorFlow ones now,
+    eagerly, rather than while the pipeline is traced."""
+    import keras
+
+    generators = {}
+    for sublayer in layer._flatten_layers(include_self=True, recursive=True):
+        if isinstance(getattr(sublayer, "generator", None), keras.random.SeedGenerator):
+            sublayer.backend.set_backend("tensorflow")
+            try:
+                generator = sublayer._get_seed_generator("tensorflow")
+            finally:
+                sublayer.backend.reset()
+            generators[id(generator)] = generator
+    return list(generators.values())
 
 
 def _with_options(ds):

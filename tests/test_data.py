@@ -38,31 +38,105 @@ def test_tfds_pipelines_on_mock_data(name):
             return
         train_source = data.source(name, "train")
         train = data.train_dataset(train_source, SIZE, BATCH, seed=3, value_range=(-1.0, 1.0))
-        for images, labels in batches(train, 4):  # more batches than examples: it repeats
+        stream = batches(train, 5)  # more batches than examples: it repeats
+        for images, labels in stream:
             check_batch(images, labels, train_source.num_classes, value_range=(-1.0, 1.0))
+        # Resumed at step 4 (in the second epoch: 12 examples): batch 4 of the stream.
+        resumed = data.train_dataset(train_source, SIZE, BATCH, seed=3, start_step=4, value_range=(-1.0, 1.0))
+        assert_same(batches(resumed, 1), stream[4:])
+
+
+def assert_same(one, two):
+    assert len(one) == len(two)
+    for (x1, y1), (x2, y2) in zip(one, two):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
 
 
 def test_train_pipeline_is_deterministic_in_its_seed():
     source = data.source("digits", "train")
 
-    def stream(seed, start_step=0, **augment):
-        return batches(data.train_dataset(source, SIZE, 8, seed=seed, start_step=start_step, **augment), 3)
-
-    def assert_same(one, two):
-        for (x1, y1), (x2, y2) in zip(one, two):
-            np.testing.assert_array_equal(x1, x2)
-            np.testing.assert_array_equal(y1, y2)
+    def stream(seed, **augment):
+        return batches(data.train_dataset(source, SIZE, 8, seed=seed, **augment), 3)
 
     first = stream(1)
     assert_same(first, stream(1))
     assert not np.array_equal(first[0][0], stream(2)[0][0])
-    assert not np.array_equal(first[0][0], stream(1, start_step=40)[0][0])  # a resumed run: new batches
-    # Keras's RandAugment and MixUp draw from their seeded generators in order.
+    # Keras's RandAugment and MixUp are seeded too.
     augmented = stream(1, randaugment=0.5, mixup=0.2)
     assert_same(augmented, stream(1, randaugment=0.5, mixup=0.2))
     labels = np.concatenate([y for _, y in augmented])
     assert np.any((labels > 0.01) & (labels < 0.99))  # MixUp's soft labels, still summing to one
     check_batch(augmented[0][0], labels[:8], 10, batch=8)
+
+
+def numbered_source(count=50, examples=True):
+    """Constant 6x6 images whose value is the example's number times 5 (labels:
+    the number mod 10): a crop, resize or flip keeps the value, so batches tell
+    which examples they hold. `examples=False`: a stream source, as TFDS's."""
+    numbers = np.arange(count)
+    images = np.broadcast_to((numbers * 5).astype(np.uint8)[:, None, None, None], (count, 6, 6, 3)).copy()
+    labels = (numbers % 10).astype(np.int32)
+
+    def read(shuffle_files, seed):
+        return tf.data.Dataset.from_tensor_slices((images, labels))
+
+    return data.Source("numbered", "train", 10, count, read, examples=(images, labels) if examples else None)
+
+
+def example_numbers(ds, count):
+    numbers = [np.round(x[:, 0, 0, 0] / 5).astype(int) for x, _ in batches(ds, count)]
+    return np.concatenate(numbers)
+
+
+@pytest.mark.parametrize("by_index", [True, False], ids=["random-access", "stream"])
+def test_each_epoch_is_a_new_permutation_and_a_resumed_stream_continues_it(by_index):
+    """50 examples in batches of 8: epochs end inside batches 6 and 12. Every
+    epoch holds each example once, in its own order; the stream started at
+    step s is the stream from batch s on, across epoch boundaries."""
+    source = numbered_source(examples=by_index)
+    stream = example_numbers(data.train_dataset(source, 4, 8, seed=5), 18)  # 144 examples: 2.88 epochs
+    first, second = stream[:50], stream[50:100]
+    np.testing.assert_array_equal(np.sort(first), np.arange(50))
+    np.testing.assert_array_equal(np.sort(second), np.arange(50))
+    assert not np.array_equal(first, second) and not np.array_equal(first, np.arange(50))
+    for step in (1, 6, 7, 12):
+        resumed = example_numbers(data.train_dataset(source, 4, 8, seed=5, start_step=step), 3)
+        np.testing.assert_array_equal(resumed, stream[8 * step : 8 * step + 24])
+    other_seed = example_numbers(data.train_dataset(source, 4, 8, seed=6), 7)
+    assert not np.array_equal(other_seed[:50], first)
+
+
+def test_resumed_digits_batches_are_the_uninterrupted_ones_with_randaugment_and_mixup():
+    """Batch 8 of 160 holds the end of the first epoch of digits (1,437
+    examples) and the start of the second: a run resumed at step 8 or 9 gets
+    the batches of the uninterrupted stream, pixel for pixel, with RandAugment
+    and MixUp (their draws are set from the batch number)."""
+    source = data.source("digits", "train")
+    augment = dict(seed=3, randaugment=0.5, mixup=0.2, value_range=(-1.0, 1.0))
+    stream = batches(data.train_dataset(source, 8, 160, **augment), 10)
+    for step in (8, 9):
+        assert_same(batches(data.train_dataset(source, 8, 160, start_step=step, **augment), 10 - step), stream[step:])
+    # Read again (as Keras does after a first batch to build the model): the
+    # same batches, whatever batches the pipeline made before.
+    ds = data.train_dataset(source, 8, 160, **augment)
+    batches(ds, 2)
+    assert_same(batches(ds, 1), stream[:1])
+
+
+def test_randaugment_changes_the_images_deterministically():
+    source = data.source("digits", "train")
+
+    def stream(seed, **augment):
+        return batches(data.train_dataset(source, SIZE, 8, seed=seed, **augment), 3)
+
+    plain, augmented = stream(1), stream(1, randaugment=0.5)
+    for (x, y), (xa, ya) in zip(plain, augmented):
+        np.testing.assert_array_equal(y, ya)  # the same examples, cropped the same way
+        changed = np.abs(x - xa).reshape(len(x), -1).max(axis=1)
+        assert np.all(changed > 10), changed  # every image changed by more than 10 levels somewhere
+    assert_same(augmented, stream(1, randaugment=0.5))
+    assert not np.array_equal(augmented[0][0], stream(2, randaugment=0.5)[0][0])
 
 
 def test_eval_pipeline_resizes_or_centre_crops_in_order():

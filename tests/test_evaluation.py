@@ -216,6 +216,11 @@ def test_subsets_are_nested_and_independent_of_the_training_seed():
     np.testing.assert_array_equal(images(large)[:100], images(small))  # nested
     np.testing.assert_array_equal(labels(small, 0), labels(small, 7))  # not the training seed's
     assert len(set(labels(small, 0))) == 10  # a shuffled draw: every class, not the first ones
+    # Training draws from the subset alone (digits are drawn by index from `examples`).
+    one = data.subset(source, 1)
+    batches = data.train_dataset(one, 8, 16, seed=3).take(3)
+    seen = {int(label) for _, labels in batches for label in np.argmax(labels, axis=1)}
+    assert seen == {int(labels(one, 0)[0])}
     with pytest.raises(ValueError, match=r"Cannot take 5000 examples of digits \(1437"):
         data.subset(source, 5000)
 

@@ -4,23 +4,30 @@ import json
 import os
 import time
 
+import h5py
 import keras
+import numpy as np
 from keras import ops
 
 from keras_vit.training.distribute import task_directory
 
 class Backup(keras.callbacks.Callback):
-    """Saves the whole training state (weights, optimizer slots, step) at the
-    end of every epoch and restores it with `restore()`.
+    """Saves the whole training state (weights, optimizer slots, step, the
+    layers' random state) at the end of every epoch and restores it with
+    `restore()`.
 
     Unlike `keras.callbacks.BackupAndRestore` (Keras 3.15), a save is atomic
     (written aside, then renamed: a kill mid-save keeps the previous one), a
     run resumes at the exact step saved rather than at the start of the
-    epoch, and each task of a multi-worker run keeps its own copy.
+    epoch, and each task of a multi-worker run keeps its own copy. It also
+    keeps the states of the layers' seed generators (Dropout's), which Keras
+    does not save with the weights, in the same file: a resumed run draws the
+    dropout masks the uninterrupted run draws.
     """
 
     WEIGHTS = "state.weights.h5"
     INFO = "state.json"
+    SEED_STATES = "keras_vit_seed_generator_states"  # a dataset of the weights file, beside Keras's groups
 
     def __init__(self, directory):
         super().__init__()
@@ -34,6 +41,17 @@ class Backup(keras.callbacks.Callback):
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         model.load_weights(self.path)
+        generators = _seed_generators(model)
+        with h5py.File(self.path, "r") as f:
+            states = f[self.SEED_STATES][()] if self.SEED_STATES in f else None
+        if states is not None:
+            if len(states) != len(generators):
+                raise ValueError(
+                    f"{self.path} holds {len(states)} seed generator states but the model has {len(generators)}: "
+                    "resume with the model that saved it, or train in a new model_dir."
+                )
+            for generator, state in zip(generators, states):
+                generator.state.assign(ops.cast(state, generator.state.dtype))
         return _step(model)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -43,12 +61,30 @@ class Backup(keras.callbacks.Callback):
         os.makedirs(self.directory, exist_ok=True)
         partial = os.path.join(self.directory, "partial-" + self.WEIGHTS)
         self.model.save_weights(partial)
+        generators = _seed_generators(self.model)
+        if generators:
+            with h5py.File(partial, "a") as f:
+                f.create_dataset(self.SEED_STATES, data=np.stack([_numpy(g.state) for g in generators]))
         os.replace(partial, self.path)
         _write_json(os.path.join(self.directory, self.INFO), {"step": _step(self.model)})
 
 
 def _step(trainer):
     return int(ops.convert_to_numpy(trainer.steps_done))
+
+
+def _numpy(variable):
+    return ops.convert_to_numpy(variable.value)
+
+
+def _seed_generators(trainer):
+    """The seed generators of `trainer`'s layers (Dropout's...), in the fixed
+    order of the layer graph: their states are variables, but not weights."""
+    generators = {}
+    for layer in trainer._flatten_layers(include_self=True, recursive=True):
+        for generator in getattr(layer, "_seed_generators", ()):
+            generators.setdefault(id(generator), generator)
+    return list(generators.values())
 
 
 def _write_json(path, content):
@@ -75,7 +111,11 @@ def train(
     Args:
         trainer: a compiled `Trainer`, built under the strategy's scope.
         train_data: `train_data(start_step)` -> a repeated `tf.data.Dataset`
-            of global batches; a resumed run gets the step it resumes from.
+            of global batches whose first batch is batch `start_step` of the
+            run (as `keras_vit.data.train_dataset(..., start_step=...)`); a
+            resumed run gets the step it resumes from. With such a stream, a
+            run killed at any point and resumed ends with the weights of an
+            uninterrupted run (to float round-off).
         total_steps: optimizer updates in the whole run.
         model_dir: gets `checkpoint/` (the training state, saved every
             `save_every` steps), `logs/` (TensorBoard), `model.keras` (the
