@@ -26,7 +26,7 @@ keras_vit_venv() {
   . "$venv/bin/activate"
 
   local key
-  key="$(pwd -P) $spec $(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+  key="$(pwd -P) $spec $(cat setup.cfg pyproject.toml | cksum)"
   if ! grep -qxF "$key" "$venv/.keras_vit-installed" 2>/dev/null; then
     echo "setup: installing keras_vit$([ -n "$extras" ] && echo " with [$extras]") into $venv (a few minutes the first time)" >&2
     python -m pip install -q --upgrade pip setuptools wheel
