@@ -27,7 +27,7 @@ One module per concept:
     tables       text tables for the CLI and README
 """
 
-from keras_vit import evaluation, hybrid, layers, training, visualize
+from keras_vit import evaluation, hybrid, layers, sizes, training, visualize
 from keras_vit.labels import decode_predictions
 from keras_vit.layers import preprocess_input, preprocess_inputs
 from keras_vit.models import (

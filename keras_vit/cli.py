@@ -403,13 +403,15 @@ def _add_demo(subparsers):
     )
     parser.add_argument("--output-dir", default="keras_vit_demo", help="where everything goes (./keras_vit_demo)")
     parser.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (25)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the initialisation and the batch order (0); the accuracy varies with it")
 
 
 def _run_demo(args):
     from keras_vit import demo
 
     try:
-        result = demo.run(args.output_dir, epochs=args.epochs or demo.EPOCHS)
+        result = demo.run(args.output_dir, epochs=args.epochs or demo.EPOCHS, seed=args.seed)
     except ImportError as error:  # scikit-learn missing: a setup problem, not a bug
         raise UsageError(str(error)) from None
     if result["accuracy"] < demo.ACCURACY_BAR:

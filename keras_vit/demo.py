@@ -7,7 +7,7 @@ load that export back and classify held-out digits through its
 `serving_default` signature (PNG bytes in, labels out), and draw what the
 model attends to. Everything lands in one folder, printed at the end.
 
-    python -m keras_vit.demo            # or: keras-vit demo [--output-dir DIR]
+    python -m keras_vit.demo            # or: keras-vit demo [--output-dir DIR] [--epochs N] [--seed N]
 """
 
 import io
@@ -18,7 +18,7 @@ import time
 import keras
 import numpy as np
 
-# A ViT small enough to train on two CPU cores in about a minute: the 8x8
+# A ViT small enough to train on two CPU cores in a minute or two: the 8x8
 # digits are upsampled to 32x32 and cut into a 4x4 grid of 8x8 patches.
 IMAGE_SIZE = 32
 MODEL_CONFIG = dict(patch_size=8, hidden_size=64, depth=4, num_heads=4, mlp_dim=128)

@@ -244,8 +244,8 @@ def test_predict_matches_the_model_and_explains(files, tmp_path):
 def test_demo_exit_code_reflects_the_accuracy_bar(monkeypatch, capsys):
     from keras_vit import cli, demo
 
-    monkeypatch.setattr(demo, "run", lambda output_dir, epochs: {"accuracy": 0.5})
+    monkeypatch.setattr(demo, "run", lambda output_dir, epochs, seed: {"accuracy": 0.5})
     assert cli.main(["demo"]) == 1
     assert "below the demo's 95% bar" in capsys.readouterr().err
-    monkeypatch.setattr(demo, "run", lambda output_dir, epochs: {"accuracy": 0.99})
+    monkeypatch.setattr(demo, "run", lambda output_dir, epochs, seed: {"accuracy": 0.99})
     assert cli.main(["demo"]) == 0
