@@ -345,8 +345,6 @@ def _add_evaluate(subparsers):
 
 
 def _run_evaluate(args):
-    import json
-
     from keras_vit import evaluation
 
     if args.vtab is not None:
@@ -359,11 +357,7 @@ def _run_evaluate(args):
                                   seeds=tuple(range(args.seeds)), batch_size=args.batch_size,
                                   data_dir=args.data_dir)
     print(f"{args.model} ({source}): few-shot linear accuracy (%), mean ± std over {args.seeds} seed(s)")
-    print(evaluation.format_results(results))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
+    return _report(evaluation.format_results(results), results, args.output)
 
 
 def _run_vtab(args):
@@ -379,11 +373,16 @@ def _run_vtab(args):
         return constructor(weights=args.weights, classes=num_classes, input_shape=input_shape)
 
     results = vtab.run(build_model, tasks, data_dir=args.data_dir)
-    print(vtab.format_results(results))
-    if args.output:
-        import json
+    return _report(vtab.format_results(results), results, args.output)
 
-        with open(args.output, "w") as f:
+
+def _report(table, results, output):
+    """Prints the table; writes the results as JSON when asked to."""
+    import json
+
+    print(table)
+    if output:
+        with open(output, "w") as f:
             json.dump(results, f, indent=1)
     return 0
 
