@@ -169,6 +169,7 @@ def ViT(
             _check_feature_map(x.shape[1:3], patch_size, input_shape)
 
     patch_encoder = vit_layers.PatchEncoder(patch_size, hidden_size, name="patch_embed")
+    feature_size = x.shape[1:3]  # a stem's SAME padding rounds up: not always input // stride
     x = patch_encoder(x)
     if class_token:
         x = vit_layers.ClassToken(name="class_token")(x)
@@ -183,7 +184,7 @@ def ViT(
             name="position_embedding",
         )(x, images)
     else:
-        grid_size = (input_shape[0] // patch_pixels[0], input_shape[1] // patch_pixels[1])
+        grid_size = patch_encoder.grid_size(feature_size)
         x = vit_layers.PositionEmbedding(
             grid_size, num_prefix_tokens, posemb_interpolation, name="position_embedding"
         )(x)
