@@ -95,13 +95,17 @@ def _labelled_model(model, strategy):
 
     import keras
 
-    per_strategy = _LABELLED.setdefault(model, {})
-    if id(strategy) not in per_strategy:
-        with strategy.scope() if strategy is not None else contextlib.nullcontext():
-            representation = representation_model(model)
-            labels = keras.Input(shape=(), dtype="int32", name="labels")
-            per_strategy[id(strategy)] = keras.Model([representation.input, labels], [representation.output, labels])
-    return per_strategy[id(strategy)]
+    # Matched by identity (not id()): a strategy that was freed cannot pass for a new one.
+    built = _LABELLED.setdefault(model, [])
+    for known, labelled in built:
+        if known is strategy:
+            return labelled
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        representation = representation_model(model)
+        labels = keras.Input(shape=(), dtype="int32", name="labels")
+        labelled = keras.Model([representation.input, labels], [representation.output, labels])
+    built.append((strategy, labelled))
+    return labelled
 
 
 def dataset_sources(name, data_dir=None):
