@@ -8,7 +8,10 @@ Accepted values:
     None                  random initialisation
     "path/x.weights.h5"   a Keras weights file (from `model.save_weights`); a
                           position embedding saved for another input size is
-                          resized on load
+                          resized on load; classes default to the file's head,
+                          another count (or a file without head, such as a
+                          self-supervised encoder's) gets a zero-initialised
+                          head on the loaded body
     "in21k", ...          an official checkpoint tag of the model's
                           architecture (`keras_vit.list_weights()`), or a
                           file's official name ("imagenet21k/ViT-B_16"), or
@@ -78,8 +81,14 @@ def plan(
         _reject_checkpoint_options(checkpoint_options, "a Keras weights file")
         if not os.path.exists(path):
             raise FileNotFoundError(f"Weights file not found: {path}")
+        file_classes = keras_weights_classes(path)
+        new_head = False
+        if include_top:
+            classes = (file_classes or 1000) if classes is None else classes
+            new_head = classes != file_classes
         return LoadPlan(
-            classes, representation_size, input_shape, lambda model: load_keras_weights(model, path)
+            classes, representation_size, input_shape,
+            lambda model: load_keras_weights(model, path, new_head=new_head),
         )
     if path.endswith(".npz") and os.path.exists(path):
         info = npz.inspect_npz(path)
@@ -158,15 +167,47 @@ def _keep_pre_logits(info, include_top, new_head, representation_size, keep_pre_
     return bool(keep)
 
 
-def load_keras_weights(model, path):
-    """Loads a `.weights.h5` file, with a one-line error when it does not fit."""
+def keras_weights_classes(path):
+    """The class count of the head in a keras_vit `.weights.h5` file, None
+    without one (a file saved with include_top=False, or by
+    `MaskedPatchPrediction.encoder`'s headless model). The head is the last
+    top-level Dense of the model (the blocks' Dense layers are nested)."""
+    import re
+
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        groups = f["layers"] if "layers" in f else {}
+        dense = [name for name in groups if re.fullmatch(r"dense(_\d+)?", name)]
+        if not dense:
+            return None
+        last = max(dense, key=lambda name: int(name.rpartition("_")[2]) if "_" in name else 0)
+        variables = groups[last].get("vars", {})
+        return int(variables["0"].shape[-1]) if "0" in variables else None
+
+
+def load_keras_weights(model, path, new_head=False):
+    """Loads a `.weights.h5` file, with a one-line error when it does not fit.
+
+    With `new_head`, the file's head (if any) is not loaded: the body (every
+    layer up to `encoder_norm`) is, strictly, and the model keeps its
+    zero-initialised head, as for an official checkpoint with another class
+    count. That is how a self-supervised encoder (keras_vit.pretraining) or
+    a model fine-tuned for other classes starts a new fine-tuning.
+    """
+    target = model
+    if new_head:
+        import keras
+
+        target = keras.Model(model.inputs, model.get_layer("encoder_norm").output, name=model.name)
     try:
-        model.load_weights(path)
+        target.load_weights(path)
     except (ValueError, KeyError) as error:
         raise ValueError(
             f"Weights file {path} does not fit model {model.name!r}: {first_line(error)} "
-            "Build the model with the same architecture, include_top and classes "
-            "as the model that saved it."
+            "Build the model with the same architecture"
+            + (" (body)" if new_head else ", include_top and classes")
+            + " as the model that saved it."
         ) from error
 
 
