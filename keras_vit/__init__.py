@@ -19,6 +19,7 @@ One module per concept:
     data         tf.data input pipelines: TFDS, digits, image folders, augmentation
     training     recipes, `Trainer` (accumulation, clipping), strategies, `train()`
     evaluation   the paper's protocols: few-shot linear accuracy, VTAB-1k
+    pretraining  self-supervised masked patch prediction (§4.6): `MaskedPatchPrediction`, its targets
     serving      `export_for_serving`: a TF Serving SavedModel
     visualize    attention rollout maps and the paper's attention-distance figure
     demo         the offline digits demo (`keras-vit demo`)
@@ -27,7 +28,7 @@ One module per concept:
     tables       text tables for the CLI and README
 """
 
-from keras_vit import evaluation, hybrid, layers, sizes, training, visualize
+from keras_vit import evaluation, hybrid, layers, pretraining, sizes, training, visualize
 from keras_vit.labels import decode_predictions
 from keras_vit.layers import preprocess_input, preprocess_inputs
 from keras_vit.models import (
@@ -52,6 +53,7 @@ from keras_vit.models import (
 )
 from keras_vit.npz import load_npz
 from keras_vit.pretrained import load_pretrained
+from keras_vit.pretraining import MaskedPatchPrediction
 from keras_vit.registry import list_weights
 from keras_vit.serving import export_for_serving
 from keras_vit.views import attention_model, feature_extractor

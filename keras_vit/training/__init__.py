@@ -7,7 +7,7 @@
         trainer.compile(optimizer=recipe.optimizer, loss=recipe.loss, metrics=["accuracy"])
     keras_vit.training.train(trainer, lambda step: make_batches(step), recipe.total_steps, "runs/cifar10")
 
-    recipes     the paper's schedules, losses and Table 3/4 presets
+    recipes     the paper's schedules, losses and Table 3/4 presets; the self-supervised recipe
     trainer     `Trainer`: gradient accumulation and clipping under tf.distribute
     distribute  strategies by name; where each task of a multi-worker run writes
     loop        `train()`: checkpointed training that resumes where it was killed
@@ -34,6 +34,7 @@ from keras_vit.training.recipes import (
     SigmoidCrossEntropy,
     WarmupDecay,
     finetune_recipe,
+    masked_patch_recipe,
     pretrain_recipe,
 )
 from keras_vit.training.trainer import Trainer

@@ -11,6 +11,8 @@ default). Pre-training (Appendix B.1, Table 3): Adam (0.9, 0.999) with
 decoupled weight decay, batch 4096, 10k warm-up steps then linear decay
 (cosine and clipping for ImageNet-1k), the learning rate, weight decay and
 dropout of Table 3, sigmoid cross-entropy for the multi-label datasets.
+Self-supervised (`masked_patch_recipe`, Appendix B.1.2): Adam, learning
+rate 2e-4, 10k warm-up steps, cosine decay, batch 4096, 1M steps.
 """
 
 import dataclasses
@@ -177,7 +179,7 @@ class Recipe:
 
     optimizer: keras.optimizers.Optimizer
     learning_rate: WarmupDecay
-    loss: keras.losses.Loss
+    loss: Optional[keras.losses.Loss]  # None: the model adds its own (masked patch prediction)
     batch_size: int
     total_steps: int
     warmup_steps: int
@@ -317,6 +319,47 @@ def pretrain_recipe(
             f"pre-train ({variant} on {dataset}): Adam lr {schedule.base_learning_rate:g}, weight decay "
             f"{weight_decay:g}, dropout {dropout:g}, {warmup_steps} warm-up + {preset.decay} decay over "
             f"{total_steps} steps, batch {batch_size}, clip {preset.clip_norm}, {loss.name}"
+        ),
+    )
+
+
+MASKED_PATCH_STEPS = 1_000_000
+MASKED_PATCH_LEARNING_RATE = 2e-4
+
+
+def masked_patch_recipe(
+    *,
+    total_steps=MASKED_PATCH_STEPS,
+    warmup_steps=PRETRAIN_WARMUP_STEPS,
+    learning_rate=MASKED_PATCH_LEARNING_RATE,
+    batch_size=PRETRAIN_BATCH_SIZE,
+    accum_steps=1,
+):
+    """The paper's self-supervised recipe: masked patch prediction (Appendix B.1.2).
+
+    Adam (beta 0.9, 0.999, no weight decay), base learning rate 2e-4,
+    10k warm-up steps then cosine decay, batch 4096, 1M steps (about 14
+    epochs of JFT; the paper saw diminishing returns after 100k). The
+    warm-up is at most a tenth of a shorter run. For
+    `keras_vit.pretraining.MaskedPatchPrediction`, which adds its own loss:
+    `loss` is None (compile with `loss=recipe.loss`, i.e. none).
+    `accum_steps`: micro-batches per update (see `Trainer`).
+    """
+    warmup_steps = min(warmup_steps, total_steps // 10)
+    schedule = WarmupDecay(learning_rate, total_steps, warmup_steps, "cosine")
+    optimizer = keras.optimizers.Adam(learning_rate=schedule, beta_1=0.9, beta_2=0.999)
+    return Recipe(
+        optimizer=optimizer,
+        learning_rate=schedule,
+        loss=None,
+        batch_size=_check_batch(batch_size, accum_steps),
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        accum_steps=accum_steps,
+        model_kwargs={},
+        description=(
+            f"masked patch prediction: Adam lr {schedule.base_learning_rate:g}, {warmup_steps} warm-up + cosine "
+            f"decay over {total_steps} steps, batch {batch_size}"
         ),
     )
 

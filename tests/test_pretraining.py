@@ -1,0 +1,365 @@
+"""keras_vit.pretraining: masked patch prediction (paper §4.6, Appendix B.1.2).
+
+The targets against numpy, on real photographs; the corruption's exact
+counts, its 80/10/10 split and where random replacements come from; where the
+corruption sits (after the patch embedding, before the position embedding);
+training (gradients, a falling loss on digits, XLA, the Trainer, a
+MirroredStrategy, the example script); saving, and the encoder's way back
+into a constructor.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from harness import tiny_hybrid
+
+import keras_vit
+from keras_vit import pretraining, training
+from keras_vit.pretraining import MaskedPatchPrediction, mean_color_targets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(patch_size=4, hidden_size=32, depth=2, num_heads=2, mlp_dim=64)
+
+
+def tiny_encoder(input_shape=(16, 16, 3), **kwargs):
+    return keras_vit.ViT(**{**TINY, "input_shape": input_shape, "include_top": False, **kwargs})
+
+
+def numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+# --- numpy references ---------------------------------------------------------
+
+
+def reference_mean_color(images, patch, bits=3):
+    images = np.asarray(images, np.float64)
+    b, h, w, c = images.shape
+    x = images.reshape(b, h // patch, patch, w // patch, patch, c).mean(axis=(2, 4))
+    codes = np.floor(x * 2**bits / 256).astype(np.int64)
+    classes = (codes[..., 0] * 2**bits + codes[..., 1]) * 2**bits + codes[..., 2]
+    return classes.reshape(b, -1)
+
+
+def reference_downsampled(images, patch, bits=3, grid=4):
+    b, h, w, _ = images.shape
+    rows, cols, sub = h // patch, w // patch, patch // grid
+    out = np.zeros((b, rows * cols, grid * grid), np.int64)
+    for r in range(rows):
+        for c in range(cols):
+            block = images[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+            out[:, r * cols + c] = reference_mean_color(block, sub, bits)
+    return out
+
+
+# --- targets ------------------------------------------------------------------
+
+
+@pytest.mark.multibackend
+@pytest.mark.parametrize("bits", [3, 2])
+def test_mean_color_targets_equal_a_numpy_reference(bits):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 24, 32, 3)).astype("float32")
+    # Patches exactly on a class boundary (mean 32, 64, ...) and at the extremes.
+    images[0, :8, :8] = 32.0
+    images[0, :8, 8:16] = 255.0
+    images[0, :8, 16:24] = [0.0, 96.0, 224.0]
+    got = numpy(mean_color_targets(images, 8, bits))
+    assert got.dtype == np.int32 and got.shape == (3, 12)
+    np.testing.assert_array_equal(got, reference_mean_color(images, 8, bits))
+    assert got[0, 0] == (2**bits * 32 // 256) * (4**bits + 2**bits + 1)  # the boundary belongs to the upper class
+    assert got[0, 1] == 2 ** (3 * bits) - 1
+    assert got[0, 2] == (0 * 2**bits + 96 * 2**bits // 256) * 2**bits + 224 * 2**bits // 256
+
+
+@pytest.mark.multibackend
+def test_downsampled_and_pixel_targets_equal_numpy_references():
+    images = np.random.default_rng(1).uniform(0, 255, (2, 32, 16, 3)).astype("float32")
+    got = numpy(pretraining.downsampled_targets(images, 8))
+    np.testing.assert_array_equal(got, reference_downsampled(images, 8))
+    pixels = numpy(pretraining.pixel_targets(images, 8))
+    expected = images.reshape(2, 4, 8, 2, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 8, 192) / 127.5 - 1
+    np.testing.assert_allclose(pixels, expected, atol=1e-6)
+
+
+def photographs():
+    """scikit-image's sample photographs, cropped to whole 16x16 patches."""
+    from skimage import data
+
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        image = getattr(data, name)()
+        side = min(image.shape[:2]) // 16 * 16
+        yield name, image[None, :side, :side].astype("float32")
+
+
+def test_targets_on_real_photographs_take_many_values():
+    # On uniform-noise images every patch mean is near 127.5: a few classes at
+    # most (the pitfall of vit-pytorch's mpp demo). Photographs are not noise.
+    noise = np.random.default_rng(0).uniform(0, 255, (4, 224, 224, 3))
+    assert len(np.unique(numpy(mean_color_targets(noise, 16)))) <= 8
+    for name, image in photographs():
+        targets = numpy(mean_color_targets(image, 16))
+        assert len(np.unique(targets)) >= 20, name
+        np.testing.assert_array_equal(targets, reference_mean_color(image, 16), err_msg=name)
+        assert len(np.unique(numpy(pretraining.downsampled_targets(image, 16)))) >= 40, name
+
+
+# --- the corruption -------------------------------------------------------------
+
+
+def numbered_tokens(batch, patches, width=4):
+    """Token (b, n) holds b * 1000 + n in every channel: its origin can be read back."""
+    ids = np.arange(batch)[:, None] * 1000 + np.arange(patches)[None, :]
+    return np.repeat(ids[..., None], width, axis=-1).astype("float32"), ids
+
+
+@pytest.mark.multibackend
+@pytest.mark.parametrize("rate, patches, expected", [(0.5, 49, 25), (0.15, 64, 10), (0.5, 16, 8)])
+def test_corruption_counts_are_exact_per_image(rate, patches, expected):
+    assert pretraining.corrupted_count(patches, rate) == expected == math.floor(rate * patches + 0.5)
+    mpp = MaskedPatchPrediction(tiny_encoder(), corruption_rate=rate, seed=0)
+    tokens, _ = numbered_tokens(32, patches, width=32)
+    out = mpp.corrupt(keras.ops.convert_to_tensor(tokens))
+    positions = numpy(out["positions"])
+    assert positions.shape == (32, expected)
+    for row in positions:
+        assert len(set(row.tolist())) == expected  # distinct patches
+    # Whatever is not among the positions is untouched.
+    changed = np.any(numpy(out["tokens"]) != tokens, axis=-1)
+    chosen = np.zeros((32, patches), bool)
+    np.put_along_axis(chosen, positions, True, axis=1)
+    assert not np.any(changed & ~chosen)
+    assert not np.any(numpy(out["masked"]) & ~chosen) and not np.any(numpy(out["replaced"]) & ~chosen)
+
+
+@pytest.mark.multibackend
+def test_split_is_80_10_10_and_replacements_come_from_the_same_image():
+    batch, patches = 500, 64
+    mpp = MaskedPatchPrediction(tiny_encoder(), seed=3)
+    tokens, ids = numbered_tokens(batch, patches, width=32)
+    out = mpp.corrupt(keras.ops.convert_to_tensor(tokens))
+    corrupted = numpy(out["tokens"])
+    positions = numpy(out["positions"])
+    masked, replaced = numpy(out["masked"]), numpy(out["replaced"])
+    chosen = np.zeros((batch, patches), bool)
+    np.put_along_axis(chosen, positions, True, axis=1)
+    kept = chosen & ~masked & ~replaced
+    total = chosen.sum()
+    assert total == batch * 32
+    for fraction, p in ((masked.sum() / total, 0.8), (replaced.sum() / total, 0.1), (kept.sum() / total, 0.1)):
+        assert abs(fraction - p) < 4 * math.sqrt(p * (1 - p) / total), (fraction, p)
+    mask = numpy(mpp.mask_token)[0, 0]
+    np.testing.assert_array_equal(corrupted[masked], np.broadcast_to(mask, corrupted[masked].shape))
+    np.testing.assert_array_equal(corrupted[kept], tokens[kept])
+    # A replacement is another patch of the same image, spread over the image.
+    origin = corrupted[replaced][:, 0].astype(int)
+    image, patch = np.nonzero(replaced)
+    assert np.all(origin // 1000 == image)
+    assert np.all(origin % 1000 != patch)
+    np.testing.assert_array_equal(origin % 1000, numpy(out["source"])[replaced])
+    assert len(np.unique(origin % 1000)) > patches // 2
+    assert not np.array_equal(mask, tokens[0, 0])
+
+
+@pytest.mark.multibackend
+def test_corruption_sits_after_the_patch_embedding_and_before_the_position_embedding():
+    # Every patch masked: the image cannot reach the output (the mask replaced
+    # the patch embeddings), but the positions still do (added afterwards).
+    encoder = tiny_encoder()
+    mpp = MaskedPatchPrediction(encoder, corruption_rate=1.0, mask_rate=1.0, random_rate=0.0, seed=0)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    predictions = numpy(mpp(images))  # (2, 16 patches, 512)
+    assert predictions.shape == (2, 16, 512)
+    first, second = predictions[0], predictions[1]
+    order = lambda p: np.sort(p, axis=0)  # noqa: E731 - the patches come in top-k order
+    np.testing.assert_allclose(order(first), order(second), atol=1e-5)
+    assert np.std(predictions[0], axis=0).max() > 1e-3  # the positions tell the patches apart
+    # With nothing masked the image does reach the output.
+    plain = MaskedPatchPrediction(encoder, corruption_rate=1.0, mask_rate=0.0, random_rate=0.0, seed=0)
+    out = numpy(plain(images))
+    assert np.abs(order(out[0]) - order(out[1])).max() > 1e-3
+
+
+def test_a_hybrid_is_corrupted_after_its_resnet_stem():
+    model = tiny_hybrid(input_shape=(32, 32, 3))  # 2x2 patches of a stride-4 feature map: 8 pixels per token
+    mpp = MaskedPatchPrediction(model, seed=0)
+    assert mpp.patch_size == (2, 2) and mpp.patch_pixels == (8, 8)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    assert mpp(images).shape == (2, 8, 512)  # half of 16 tokens
+    np.testing.assert_array_equal(numpy(mpp.targets(images)), reference_mean_color(images, 8))
+
+
+# --- training -------------------------------------------------------------------
+
+
+def digits_images(count=None):
+    from keras_vit import data
+
+    (x_train, _), _ = data.digits(image_size=16)
+    return x_train[:count].astype("float32")
+
+
+@pytest.mark.multibackend
+def test_mask_token_and_head_get_gradients_and_the_loss_falls_on_digits(backend):
+    keras.utils.set_random_seed(0)
+    mpp = MaskedPatchPrediction(tiny_encoder(), seed=0)
+    before = {v.path: numpy(v).copy() for v in (mpp.mask_token, mpp.head.kernel, mpp.head.bias)}
+    # XLA compiles the whole step (TensorFlow's jit_compile; JAX jits anyway).
+    mpp.compile(optimizer=keras.optimizers.Adam(3e-3), jit_compile=backend != "torch")
+    images = digits_images(512)
+    history = mpp.fit(images, batch_size=64, epochs=6, verbose=0, shuffle=False).history["loss"]
+    for variable in (mpp.mask_token, mpp.head.kernel, mpp.head.bias):
+        assert np.abs(numpy(variable) - before[variable.path]).max() > 1e-4, variable.path
+    assert history[-1] < 0.6 * history[0], history
+    # The loss is the mean over the corrupted patches alone, each predicted
+    # from its own token: recomputed from the positions the call draws (the
+    # draws depend on the seed generator's state alone, not on the tokens).
+    x = images[:8]
+    state = numpy(mpp.seed_generator.state).copy()
+    positions = numpy(mpp.corrupt(keras.ops.zeros((8, 16, 32)))["positions"])
+    mpp.seed_generator.state.assign(state)
+    predictions = numpy(mpp(x)).astype("float64")
+    assert predictions.shape == (8, 8, 512)
+    targets = np.take_along_axis(reference_mean_color(x, 4), positions, axis=1)
+    log_softmax = predictions - predictions.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    by_hand = -np.take_along_axis(log_softmax, targets[..., None], axis=-1).mean()
+    assert float(numpy(mpp.losses[0])) == pytest.approx(by_hand, rel=1e-4)
+
+
+def test_trainer_with_accumulation_and_clipping():
+    mpp = MaskedPatchPrediction(tiny_encoder(), seed=0)
+    trainer = training.Trainer(mpp, accum_steps=2)
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-3, global_clipnorm=1.0), loss=None, jit_compile=True)
+    before = numpy(mpp.mask_token).copy()
+    history = trainer.fit(digits_images(64), batch_size=32, epochs=2, verbose=0).history["loss"]
+    assert all(math.isfinite(v) for v in history) and history[0] > 1.0
+    assert int(numpy(trainer.steps_done)) == 4
+    assert np.abs(numpy(mpp.mask_token) - before).max() > 0
+
+
+def test_recipe_is_the_papers():
+    recipe = training.masked_patch_recipe()
+    assert isinstance(recipe.optimizer, keras.optimizers.Adam)
+    assert not isinstance(recipe.optimizer, keras.optimizers.AdamW)
+    assert (recipe.batch_size, recipe.total_steps, recipe.warmup_steps) == (4096, 1_000_000, 10_000)
+    assert recipe.learning_rate.base_learning_rate == 2e-4 and recipe.learning_rate.decay == "cosine"
+    assert recipe.loss is None
+    short = training.masked_patch_recipe(total_steps=1000, batch_size=64, accum_steps=4)
+    assert (short.warmup_steps, short.accum_steps) == (100, 4)
+    with pytest.raises(ValueError, match="multiple of accum_steps"):
+        training.masked_patch_recipe(batch_size=10, accum_steps=4)
+
+
+MIRRORED_SCRIPT = r"""
+import os, sys
+os.environ["KERAS_BACKEND"] = "tensorflow"
+from keras_vit.training import Trainer, make_strategy, split_cpu
+split_cpu(2)
+import keras, numpy as np
+import keras_vit
+from keras_vit.pretraining import MaskedPatchPrediction
+keras.utils.set_random_seed(0)
+images = np.random.default_rng(0).uniform(0, 255, (64, 16, 16, 3)).astype("float32")
+strategy = make_strategy("mirrored")
+assert strategy.num_replicas_in_sync == 2
+with strategy.scope():
+    encoder = keras_vit.ViT(patch_size=4, hidden_size=32, depth=2, num_heads=2, mlp_dim=64, input_shape=(16, 16, 3),
+                            include_top=False)
+    mpp = MaskedPatchPrediction(encoder, seed=0)
+    trainer = Trainer(mpp, accum_steps=2)
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-3, global_clipnorm=1.0))
+before = keras.ops.convert_to_numpy(mpp.mask_token).copy()
+losses = trainer.fit(images, batch_size=32, epochs=3, verbose=0).history["loss"]
+assert all(np.isfinite(losses)), losses
+assert np.abs(keras.ops.convert_to_numpy(mpp.mask_token) - before).max() > 0
+print("trained on", strategy.num_replicas_in_sync, "replicas", losses)
+"""
+
+
+def test_trains_under_a_mirrored_strategy_on_two_logical_cpus():
+    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained on 2 replicas" in done.stdout
+
+
+# --- saving and the way back -------------------------------------------------------
+
+
+@pytest.mark.multibackend
+def test_keras_file_reloads_in_safe_mode(tmp_path):
+    mpp = MaskedPatchPrediction(tiny_encoder(), target="downsampled", corruption_rate=0.25, seed=7)
+    path = str(tmp_path / "mpp.keras")
+    mpp.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(loaded, MaskedPatchPrediction)
+    assert (loaded.target, loaded.corruption_rate, loaded.seed) == ("downsampled", 0.25, 7)
+    for a, b in zip(mpp.weights, loaded.weights):
+        np.testing.assert_array_equal(numpy(a), numpy(b), err_msg=a.path)
+    # Same seed, same weights: the same corruption and predictions.
+    images = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(numpy(loaded(images)), numpy(mpp(images)), atol=1e-5)
+    np.testing.assert_allclose(numpy(loaded.losses[0]), numpy(mpp.losses[0]), rtol=1e-5)
+
+
+@pytest.mark.multibackend
+@pytest.mark.parametrize("include_top", [False, True])
+def test_encoder_loads_into_a_constructor_with_a_new_head(tmp_path, include_top):
+    encoder = tiny_encoder(include_top=include_top)
+    mpp = MaskedPatchPrediction(encoder, seed=0)
+    mpp.compile(optimizer=keras.optimizers.Adam(1e-2))
+    mpp.fit(digits_images(32), batch_size=16, epochs=1, verbose=0)
+    assert mpp.encoder is encoder
+    assert not any("mask_token" in v.path or "mpp_head" in v.path for v in mpp.encoder.weights)
+    path = str(tmp_path / "ssl.weights.h5")
+    mpp.encoder.save_weights(path)
+    model = keras_vit.ViT(**TINY, input_shape=(16, 16, 3), weights=path, classes=10)
+    assert model.output.shape == (None, 10)
+    assert not np.any(numpy(model.get_layer("predictions").kernel))  # a new zero head
+    images = digits_images(4)
+    ours = keras_vit.feature_extractor(encoder, ["encoded"])(images)["encoded"]
+    theirs = keras_vit.feature_extractor(model, ["encoded"])(images)["encoded"]
+    np.testing.assert_allclose(numpy(theirs), numpy(ours), atol=1e-6)
+    # The trained body, not a fresh one.
+    fresh = keras_vit.ViT(**TINY, input_shape=(16, 16, 3), classes=10)
+    assert np.abs(numpy(keras_vit.feature_extractor(fresh, ["encoded"])(images)["encoded"]) - numpy(ours)).max() > 1e-3
+
+
+def test_a_weights_file_keeps_its_head_when_the_classes_match(tmp_path):
+    model = keras_vit.ViT(**TINY, input_shape=(16, 16, 3), classes=7)
+    model.get_layer("predictions").kernel.assign(np.ones((32, 7), "float32"))
+    path = str(tmp_path / "seven.weights.h5")
+    model.save_weights(path)
+    for classes in (None, 7):  # classes default to the file's head
+        again = keras_vit.ViT(**TINY, input_shape=(16, 16, 3), weights=path, classes=classes)
+        np.testing.assert_array_equal(numpy(again.get_layer("predictions").kernel), 1.0)
+    with pytest.raises(ValueError, match="does not fit"):
+        keras_vit.ViT(**{**TINY, "hidden_size": 16}, input_shape=(16, 16, 3), weights=path, classes=3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target="colour"), "Unknown target 'colour'"),
+    (dict(corruption_rate=0), "corruption_rate must be in"),
+    (dict(mask_rate=0.8, random_rate=0.3), "sum to at most 1"),
+    (dict(bits=0), "bits must be"),
+])
+def test_bad_arguments_are_one_line_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message) as excinfo:
+        MaskedPatchPrediction(tiny_encoder(), **kwargs)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_non_vit_encoders_and_odd_patches_are_one_line_errors():
+    with pytest.raises(ValueError, match="not a keras_vit model") as excinfo:
+        MaskedPatchPrediction(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+    assert "\n" not in str(excinfo.value)
+    with pytest.raises(ValueError, match="multiple of 4 pixels") as excinfo:
+        MaskedPatchPrediction(keras_vit.ViT(**{**TINY, "patch_size": 2}, input_shape=(8, 8, 3)), target="downsampled")
+    assert "\n" not in str(excinfo.value)
