@@ -121,9 +121,10 @@ def _setup(build_recipe):
         variant = getattr(constructor, "variant", FLAGS.model)
     model_args = _parse_model_args(FLAGS.model_args)
 
-    train_source = data.source(FLAGS.dataset, "train", FLAGS.data_dir)
-    eval_source = data.source(FLAGS.eval_dataset or FLAGS.dataset, "eval", FLAGS.data_dir)
-    if eval_source.num_classes != train_source.num_classes:
+    masked = masked_patch_objective()
+    train_source = data.source(FLAGS.dataset, "train", FLAGS.data_dir, labelled=not masked)
+    eval_source = data.source(FLAGS.eval_dataset or FLAGS.dataset, "eval", FLAGS.data_dir, labelled=not masked)
+    if not masked and eval_source.num_classes != train_source.num_classes:
         raise UsageError(
             f"--eval_dataset {eval_source.name} has {eval_source.num_classes} classes, "
             f"--dataset {train_source.name} {train_source.num_classes}"
@@ -141,24 +142,33 @@ def _setup(build_recipe):
     keras.utils.set_random_seed(FLAGS.seed)
     size = FLAGS.image_size
     with strategy.scope():  # model, optimizer slots and metrics live on the strategy's devices
+        # Masked patch prediction trains the encoder (no head) inside its
+        # MaskedPatchPrediction, which adds its own loss; labels are unused.
+        head = dict(include_top=False) if masked else dict(classes=train_source.num_classes)
         try:
-            model = constructor(
+            model = encoder = constructor(
                 weights=FLAGS.weights,
                 input_shape=(size, size, 3),
-                classes=train_source.num_classes,
+                **head,
                 **{**recipe.model_kwargs, **model_args},
             )
         except TypeError as error:  # an argument the constructor does not take
             raise UsageError(f"--model {FLAGS.model} --model_args: {error}") from None
+        if masked:
+            from keras_vit import pretraining
+
+            model = pretraining.MaskedPatchPrediction(
+                encoder, target=FLAGS.target, corruption_rate=FLAGS.corruption_rate, seed=FLAGS.seed
+            )
         trainer = training.Trainer(model, accum_steps=recipe.accum_steps)
         trainer.compile(
             optimizer=recipe.optimizer,
             loss=recipe.loss,
-            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+            metrics=[] if masked else [keras.metrics.CategoricalAccuracy(name="accuracy")],
             jit_compile=jit,
         )
 
-    value_range = data.input_range(model)  # [0, 255] when the model scales pixels itself
+    value_range = data.input_range(encoder)  # [0, 255] when the model scales pixels itself
 
     def train_data(start_step):
         return data.train_dataset(
@@ -200,12 +210,32 @@ def _train(trainer, train_data, eval_data, eval_source, recipe, strategy):
         eval_data=eval_data,
     )
     directory = training.task_directory(FLAGS.model_dir, strategy)
+    held_out = f"on {eval_source.name} ({eval_source.split}, {eval_source.num_examples or '?'} images)"
+    if masked_patch_objective():
+        # The encoder alone (no mask token, no prediction head), for examples/finetune.py --weights.
+        encoder_path = os.path.join(directory, ENCODER_WEIGHTS)
+        trainer.model.encoder.save_weights(encoder_path)
+        print(
+            f"Trained {results['steps']} steps (from step {results['start_step']}) in {results['train_seconds']} s. "
+            f"Held-out masked patch loss {held_out}: {results['eval']['loss']:.4f}. "
+            f"Encoder: {encoder_path} (fine-tune: examples/finetune.py --model {FLAGS.model} --weights {encoder_path})",
+            flush=True,
+        )
+        return
     print(
         f"Trained {results['steps']} steps (from step {results['start_step']}) in {results['train_seconds']} s. "
-        f"Held-out accuracy on {eval_source.name} ({eval_source.split}, {eval_source.num_examples or '?'} images): "
+        f"Held-out accuracy {held_out}: "
         f"{results['eval']['accuracy']:.4f}. Model: {os.path.join(directory, 'model.keras')}",
         flush=True,
     )
+
+
+ENCODER_WEIGHTS = "encoder.weights.h5"
+
+
+def masked_patch_objective():
+    """Whether this run is self-supervised (examples/pretrain.py --objective masked_patch)."""
+    return "objective" in FLAGS and FLAGS.objective == "masked_patch"
 
 
 def _parse_model_args(text):

@@ -10,6 +10,18 @@ ImageNet-1k), the learning rate, weight decay and dropout of Table 3 for
 presets (imagenet21k, jft300m). The step count is the preset's epochs over
 --dataset unless --steps is given. See examples/common.py for the flags both
 scripts share.
+
+Self-supervised, without labels (masked patch prediction, §4.6, Appendix B.1.2):
+
+    python examples/pretrain.py --objective masked_patch --model ViT_B16 --dataset path/to/images \
+        --model_dir runs/b16-mpp [--target mean_color|downsampled|pixels] [--corruption_rate 0.5]
+    python examples/finetune.py --model ViT_B16 --weights runs/b16-mpp/encoder.weights.h5 ...
+
+The folder needs no class sub-folders. Adam, lr 2e-4, 10k warm-up, cosine
+decay, batch 4096, 1M steps unless --steps (`training.masked_patch_recipe`);
+--preset, --epochs, --weight_decay and --dropout do not apply. The run saves
+`encoder.weights.h5` (the encoder without the mask token and the prediction
+head) beside model.keras (the whole MaskedPatchPrediction).
 """
 
 import common
@@ -23,10 +35,24 @@ common._define("enum", "preset", "imagenet", "the Table 3 row: the dataset the r
 common._define("integer", "epochs", None, "epochs over --dataset (default: the preset's)", lower_bound=1)
 common._define("float", "weight_decay", None, "decoupled weight decay (default: the preset's)", lower_bound=0)
 common._define("float", "dropout", None, "dropout rate (default: the preset's)", lower_bound=0, upper_bound=1)
+common._define("enum", "objective", "supervised", "supervised (the labels, Table 3) or masked_patch "
+               "(self-supervised, §4.6: no labels needed)", enum_values=["supervised", "masked_patch"])
+common._define("enum", "target", "mean_color", "masked_patch: what each corrupted patch predicts",
+               enum_values=["mean_color", "downsampled", "pixels"])
+common._define("float", "corruption_rate", 0.5, "masked_patch: the fraction of each image's patches corrupted",
+               lower_bound=0, upper_bound=1)
 FLAGS = flags.FLAGS
 
 
 def build_recipe(train_source, variant):
+    if FLAGS.objective == "masked_patch":
+        return training.masked_patch_recipe(
+            total_steps=FLAGS.steps or training.MASKED_PATCH_STEPS,
+            warmup_steps=training.PRETRAIN_WARMUP_STEPS if FLAGS.warmup_steps is None else FLAGS.warmup_steps,
+            learning_rate=FLAGS.learning_rate or training.MASKED_PATCH_LEARNING_RATE,
+            batch_size=FLAGS.batch_size,
+            accum_steps=FLAGS.accum_steps,
+        )
     return training.pretrain_recipe(
         variant,
         FLAGS.preset,

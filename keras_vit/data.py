@@ -13,7 +13,8 @@ default, else [-1, 1]) and one-hot float32 labels (soft after MixUp).
 
 Datasets: the TFDS names of `TFDS_SPLITS` (with the train/eval splits of the
 official code), `"digits"` (scikit-learn's bundled 8x8 digits: offline, for
-quick runs) or the path of an image folder with one sub-folder per class.
+quick runs) or the path of an image folder with one sub-folder per class
+(any folder of images for self-supervised training: `labelled=False`).
 
 Training examples get the official fine-tuning augmentation: an Inception
 crop (`sample_distorted_bounding_box`, area 5%-100%), a resize to the
@@ -92,7 +93,7 @@ def available_datasets():
     return list(TFDS_SPLITS) + [DIGITS]
 
 
-def source(dataset, split="train", data_dir=None, tfds_split=None, download=True):
+def source(dataset, split="train", data_dir=None, tfds_split=None, download=True, labelled=True):
     """The `Source` of `split` ("train" or "eval") of `dataset`.
 
     Args:
@@ -105,6 +106,9 @@ def source(dataset, split="train", data_dir=None, tfds_split=None, download=True
         tfds_split: overrides the TFDS split string (e.g. "train[:10%]");
             with it, any TFDS name is accepted.
         download: let TFDS download and prepare a dataset it does not have.
+        labelled: False for self-supervised training (keras_vit.pretraining):
+            an image folder then needs no class sub-folders (every image
+            under it, in any sub-folder, with label 0 of 1 class).
     """
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
@@ -114,7 +118,7 @@ def source(dataset, split="train", data_dir=None, tfds_split=None, download=True
     if dataset in TFDS_SPLITS:
         return _tfds_source(dataset, split, data_dir, tfds_split, download)
     if os.path.isdir(dataset):
-        return _folder_source(dataset, split)
+        return _folder_source(dataset, split, labelled)
     if tfds_split is not None:  # any TFDS dataset, with the split string given
         return _tfds_source(dataset, split, data_dir, tfds_split, download)
     raise ValueError(
@@ -263,15 +267,16 @@ def _digits_source(split):
 FOLDER_EVAL_FRACTION = 0.1
 
 
-def _folder_source(root, split):
+def _folder_source(root, split, labelled=True):
     train_dir = os.path.join(root, "train")
     eval_dirs = [os.path.join(root, n) for n in EVAL_FOLDER_NAMES if os.path.isdir(os.path.join(root, n))]
+    list_images = _list_images if labelled else _list_unlabelled_images
     if os.path.isdir(train_dir) and eval_dirs:
-        class_names = _class_folders(train_dir)
-        files, labels = _list_images(train_dir if split == "train" else eval_dirs[0], class_names)
+        class_names = _class_folders(train_dir) if labelled else [""]
+        files, labels = list_images(train_dir if split == "train" else eval_dirs[0], class_names)
     else:
-        class_names = _class_folders(root)
-        files, labels = _list_images(root, class_names)
+        class_names = _class_folders(root) if labelled else [""]
+        files, labels = list_images(root, class_names)
         # A hash of the relative path picks the held-out files: stable when files are added.
         held_out = np.array([
             zlib.crc32(os.path.relpath(f, root).encode()) % 1000 < FOLDER_EVAL_FRACTION * 1000 for f in files
@@ -308,6 +313,16 @@ def _list_images(directory, class_names):
                 files.append(os.path.join(class_dir, file))
                 labels.append(label)
     return files, labels
+
+
+def _list_unlabelled_images(directory, class_names):
+    """Every image under `directory` (sub-folders too, sorted), all label 0."""
+    del class_names
+    files = []
+    for folder, subfolders, names in os.walk(directory):
+        subfolders.sort()
+        files += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return files, [0] * len(files)
 
 
 def _decode_file(path, label):

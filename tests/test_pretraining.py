@@ -3,11 +3,13 @@
 The targets against numpy, on real photographs; the corruption's exact
 counts, its 80/10/10 split and where random replacements come from; where the
 corruption sits (after the patch embedding, before the position embedding);
-training (gradients, a falling loss on digits, XLA, the Trainer, a
-MirroredStrategy, the example script); saving, and the encoder's way back
+training (gradients, a falling loss on digits, XLA, the Trainer; the
+example script on an unlabelled folder, under a MirroredStrategy, resumed,
+then fine-tuned); saving, and the encoder's way back
 into a constructor.
 """
 
+import json
 import math
 import os
 import subprocess
@@ -257,39 +259,6 @@ def test_recipe_is_the_papers():
         training.masked_patch_recipe(batch_size=10, accum_steps=4)
 
 
-MIRRORED_SCRIPT = r"""
-import os, sys
-os.environ["KERAS_BACKEND"] = "tensorflow"
-from keras_vit.training import Trainer, make_strategy, split_cpu
-split_cpu(2)
-import keras, numpy as np
-import keras_vit
-from keras_vit.pretraining import MaskedPatchPrediction
-keras.utils.set_random_seed(0)
-images = np.random.default_rng(0).uniform(0, 255, (64, 16, 16, 3)).astype("float32")
-strategy = make_strategy("mirrored")
-assert strategy.num_replicas_in_sync == 2
-with strategy.scope():
-    encoder = keras_vit.ViT(patch_size=4, hidden_size=32, depth=2, num_heads=2, mlp_dim=64, input_shape=(16, 16, 3),
-                            include_top=False)
-    mpp = MaskedPatchPrediction(encoder, seed=0)
-    trainer = Trainer(mpp, accum_steps=2)
-    trainer.compile(optimizer=keras.optimizers.Adam(1e-3, global_clipnorm=1.0))
-before = keras.ops.convert_to_numpy(mpp.mask_token).copy()
-losses = trainer.fit(images, batch_size=32, epochs=3, verbose=0).history["loss"]
-assert all(np.isfinite(losses)), losses
-assert np.abs(keras.ops.convert_to_numpy(mpp.mask_token) - before).max() > 0
-print("trained on", strategy.num_replicas_in_sync, "replicas", losses)
-"""
-
-
-def test_trains_under_a_mirrored_strategy_on_two_logical_cpus():
-    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "trained on 2 replicas" in done.stdout
-
-
 # --- saving and the way back -------------------------------------------------------
 
 
@@ -363,3 +332,68 @@ def test_non_vit_encoders_and_odd_patches_are_one_line_errors():
     with pytest.raises(ValueError, match="multiple of 4 pixels") as excinfo:
         MaskedPatchPrediction(keras_vit.ViT(**{**TINY, "patch_size": 2}, input_shape=(8, 8, 3)), target="downsampled")
     assert "\n" not in str(excinfo.value)
+
+
+# --- the example scripts --------------------------------------------------------------
+
+
+def run_examples(**argvs):
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    processes = {name: subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for name, argv in argvs.items()}
+    done = {}
+    try:
+        for name, process in processes.items():
+            stdout, stderr = process.communicate(timeout=300)
+            assert process.returncode == 0, (name, stderr[-3000:])
+            done[name] = stdout
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return done
+
+
+def test_pretrain_example_on_an_unlabelled_folder_resumes_and_feeds_finetune(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"  # no class sub-folders
+    folder.mkdir()
+    for index, image in enumerate(digits_images(120)):
+        Image.fromarray(image.astype("uint8")).save(folder / f"{index:03d}.png")
+    pretrain = os.path.join(ROOT, "examples", "pretrain.py")
+    common = ["--objective", "masked_patch", "--model", "ViT", "--model_args",
+              "patch_size=4,hidden_size=32,depth=2,num_heads=4,mlp_dim=64", "--dataset", str(folder),
+              "--image_size", "16", "--batch_size", "16", "--save_every", "2", "--warmup_steps", "0"]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    first = run_examples(
+        whole=[pretrain, *common, "--steps", "4", "--model_dir", whole],
+        # A run stopped after 2 steps (as a kill after its checkpoint), on 2 replicas.
+        part=[pretrain, *common, "--steps", "2", "--model_dir", parts, "--strategy", "mirrored",
+              "--cpu_replicas", "2", "--accum_steps", "2"],
+    )
+    # The MirroredStrategy check: 2 logical CPUs, 2 micro-batches per replica.
+    assert "2 replica(s) (MirroredStrategy)" in first["part"]
+    with open(os.path.join(parts, "results.json")) as f:
+        part = json.load(f)
+    assert part["replicas"] == 2 and part["steps"] == 2
+    assert all(math.isfinite(v) and v > 1.0 for v in part["history"]["loss"])
+    encoder = os.path.join(whole, "encoder.weights.h5")
+    second = run_examples(
+        resumed=[pretrain, *common, "--steps", "4", "--model_dir", parts],
+        finetune=[os.path.join(ROOT, "examples", "finetune.py"), *common[2:6], "--dataset", "digits",
+                  "--image_size", "16", "--batch_size", "16", "--steps", "2", "--weights", encoder,
+                  "--model_dir", str(tmp_path / "finetune")],
+    )
+    assert "Resuming from step 2" in second["resumed"]
+    assert "Held-out masked patch loss" in first["whole"] and "Held-out accuracy" in second["finetune"]
+    # Each run's encoder loads into the constructor; model.keras is the whole wrapper, in safe mode.
+    for directory in (whole, parts):
+        model = keras_vit.ViT(**{**TINY, "num_heads": 4}, input_shape=(16, 16, 3), classes=3,
+                              weights=os.path.join(directory, "encoder.weights.h5"))
+        assert model.output.shape == (None, 3)
+    loaded = keras.saving.load_model(os.path.join(whole, "model.keras"), safe_mode=True)
+    assert isinstance(loaded, MaskedPatchPrediction)
