@@ -131,6 +131,9 @@ def test_corruption_counts_are_exact_per_image(rate, patches, expected):
     assert positions.shape == (32, expected)
     for row in positions:
         assert len(set(row.tolist())) == expected  # distinct patches
+    # Drawn per image, uniformly: the images differ, every patch gets its turn.
+    assert len({tuple(sorted(row.tolist())) for row in positions}) > 16
+    assert len(np.unique(positions)) == patches
     # Whatever is not among the positions is untouched.
     changed = np.any(numpy(out["tokens"]) != tokens, axis=-1)
     chosen = np.zeros((32, patches), bool)
@@ -186,6 +189,22 @@ def test_corruption_sits_after_the_patch_embedding_and_before_the_position_embed
     plain = MaskedPatchPrediction(encoder, corruption_rate=1.0, mask_rate=0.0, random_rate=0.0, seed=0)
     out = numpy(plain(images))
     assert np.abs(order(out[0]) - order(out[1])).max() > 1e-3
+
+
+@pytest.mark.multibackend
+def test_each_corrupted_patch_is_predicted_from_its_own_output_token():
+    # Nothing replaced (mask and random rates 0): the predictions are the head
+    # applied to the encoder's own output tokens at the drawn positions.
+    encoder = tiny_encoder()
+    mpp = MaskedPatchPrediction(encoder, corruption_rate=0.5, mask_rate=0.0, random_rate=0.0, seed=0)
+    images = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype("float32")
+    state = numpy(mpp.seed_generator.state).copy()
+    positions = numpy(mpp.corrupt(keras.ops.zeros((3, 16, 32)))["positions"])
+    mpp.seed_generator.state.assign(state)
+    predictions = numpy(mpp(images))
+    encoded = numpy(keras_vit.feature_extractor(encoder, ["encoded"])(images)["encoded"])[:, 1:]  # no class token
+    expected = numpy(mpp.head(np.take_along_axis(encoded, positions[..., None], axis=1)))
+    np.testing.assert_allclose(predictions, expected, atol=1e-4)
 
 
 def test_a_hybrid_is_corrupted_after_its_resnet_stem():
