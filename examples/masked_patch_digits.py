@@ -16,9 +16,10 @@ patches, 16 patches per image).
    training images, labels unused; Adam, warm-up then cosine decay (the
    paper's recipe, with a learning rate and step count for this size). Saves
    seed-S/encoder.weights.h5.
-2. fewshot: linear few-shot accuracy (keras_vit.evaluation.few_shot: the
-   ridge classifier on frozen features, 1/5/10 images per class, shot draws
-   0-2) of each pre-trained encoder and of the same model at its random
+2. fewshot: linear few-shot accuracy (keras_vit.evaluation's ridge
+   classifier `linear_few_shot` on frozen features of the 16x16 images,
+   shots drawn by `sample_shots`: 1/5/10 images per class, draw = the seed)
+   of each pre-trained encoder and of the same model at its random
    initialisation (same seed), with the class token's representation (the
    paper's) and with the mean of the patch tokens.
 3. finetune: fine-tuning on 10 labelled images per class (the 10-shot draw of
@@ -51,7 +52,7 @@ flags.DEFINE_enum("model", "mini", list(SMALL_MODELS), "the ViT size")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds: initialisation, corruption, data order, shot draw")
 flags.DEFINE_enum("target", "mean_color", ["mean_color", "downsampled", "pixels"], "the masked patch target")
 flags.DEFINE_float("corruption_rate", 0.5, "fraction of patches corrupted")
-flags.DEFINE_integer("pretrain_steps", 3000, "pre-training updates")
+flags.DEFINE_integer("pretrain_steps", 1200, "pre-training updates (whole epochs: rounded up to a multiple of 11)")
 flags.DEFINE_integer("pretrain_batch_size", 128, "pre-training batch size")
 flags.DEFINE_float("pretrain_learning_rate", 1e-3, "pre-training peak learning rate (Adam)")
 flags.DEFINE_integer("finetune_shots", 10, "labelled images per class for fine-tuning")
