@@ -160,7 +160,9 @@ class MaskedPatchPrediction(keras.Model):
 
     `encoder` is the plain model to keep: `mpp.encoder.save_weights(path)`;
     the mask token and the prediction head (`mask_token`, `head`) are not
-    part of it.
+    part of it. Build it with `include_top=False` (a head would get no
+    gradient, and Keras warns about it) and a fixed input size (the number
+    of corrupted patches must be known when the step is traced).
     """
 
     def __init__(self, encoder, target="mean_color", corruption_rate=0.5, mask_rate=0.8, random_rate=0.1,
@@ -196,7 +198,8 @@ class MaskedPatchPrediction(keras.Model):
         patch_embed = encoder.get_layer("patch_embed")
         self.patch_size = patch_embed.patch_size  # on the stem's feature map for a hybrid
         stride = 1
-        if "resnet_stem" in names:
+        self.has_stem = "resnet_stem" in names
+        if self.has_stem:
             from keras_vit.hybrid import total_stride
 
             stride = total_stride(encoder.get_layer("resnet_stem").block_sizes)
@@ -273,7 +276,7 @@ class MaskedPatchPrediction(keras.Model):
         if self.scales_pixels:
             x = encoder.get_layer("rescaling")(x)
         scaled = x
-        if self.patch_pixels != self.patch_size:
+        if self.has_stem:
             x = encoder.get_layer("resnet_stem")(x, training=training)
         tokens = encoder.get_layer("patch_embed")(x)
         if x.shape[1] is not None and x.shape[2] is not None:  # a static patch count for top-k
