@@ -41,9 +41,11 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,6 +76,17 @@ RESULT = "GPU_SPEED_RESULT "  # a worker's result lines start with this
 
 def emit(**record):
     print(RESULT + json.dumps(record), flush=True)
+
+
+def describe(error):
+    """One line for the table: the error, and where it came from when it says nothing."""
+    text = f"{type(error).__name__}: {error}".strip()
+    if not str(error).strip() and error.__traceback__ is not None:
+        import traceback
+
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        text += f" (at {os.path.basename(frame.filename)}:{frame.lineno})"
+    return " ".join(text.split())[:300]
 
 
 def time_rounds(step, sync, batch, rounds, deadline, target_seconds):
@@ -112,13 +125,19 @@ def run_phases(engine, model_key, args, make_inference, make_train, sync):
             step = (make_inference if phase == "inference" else make_train)()
             warmup, speeds = time_rounds(step, sync, args.batch, args.rounds, args.deadline - 3, args.round_seconds)
         except Exception as error:  # an out-of-memory or a backend failure ends this phase, not the run
-            emit(engine=engine, model=model_key, phase=phase, error=f"{type(error).__name__}: {error}"[:300])
+            emit(engine=engine, model=model_key, phase=phase, error=describe(error))
             continue
         emit(engine=engine, model=model_key, phase=phase, warmup_s=warmup, img_s=speeds)
 
 
 def config_of(model_key, tiny):
     return TINY if tiny else MODELS[model_key]
+
+
+def torch_device(torch, wanted):
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the driver saw a GPU but torch.cuda.is_available() is False")
+    return "cuda" if wanted == "cuda" else "cpu"
 
 
 def worker_keras(args, backend):
@@ -146,7 +165,7 @@ def worker_keras(args, backend):
     else:
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch_device(torch, args.device)
         images, labels = torch.as_tensor(images, device=device), torch.as_tensor(labels, device=device)
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         emit(info="device", engine=f"keras-{backend}", name=f"{device}: {name}")
@@ -189,7 +208,7 @@ def worker_timm(args):
         return
     cfg = config_of(args.model, args.tiny)
     size = cfg["image_size"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch_device(torch, args.device)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     emit(info="device", engine="timm", name=f"{device}: {name}")
     if device == "cuda":
@@ -253,6 +272,8 @@ def worker(args):
             worker_keras(args, args.worker.split("-", 1)[1])
     except ImportError as error:
         emit(engine=args.worker, model=args.model, phase="all", error=f"not installed: {error}")
+    except Exception as error:  # no usable device, a failed build: one line in the table
+        emit(engine=args.worker, model=args.model, phase="all", error=describe(error))
 
 
 # --------------------------------------------------------------------------- driver side
@@ -280,6 +301,8 @@ def job_env(device):
     if device == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        env.setdefault("JAX_PLATFORMS", "cuda")  # fail loudly rather than fall back to the CPU
     return env
 
 
@@ -288,16 +311,14 @@ def run_job(engine, model_key, args, device, deadline):
     command = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--model", model_key,
                "--batch", str(args.batch), "--rounds", str(args.rounds),
                "--round-seconds", str(args.round_seconds), "--deadline", repr(deadline),
-               "--timm-compile", args.timm_compile]
+               "--timm-compile", args.timm_compile, "--device", device]
     if args.tiny:
         command.append("--tiny")
     records, tail = [], []
     log = open(os.path.join(args.log_dir, f"{engine}_{model_key}.log"), "w") if args.log_dir else None
     start = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=job_env(device), cwd=ROOT)
-    import threading
-
+                               env=job_env(device), cwd=ROOT, start_new_session=True)
     def read():
         for line in process.stdout:
             if log:
@@ -316,7 +337,11 @@ def run_job(engine, model_key, args, device, deadline):
     try:
         process.wait(timeout=max(1.0, deadline - time.time()))
     except subprocess.TimeoutExpired:
-        process.kill()
+        # The worker's own process group: it and torch.compile's compile workers, nothing else.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         process.wait()
         records.append(dict(engine=engine, model=model_key, phase="all",
                             error="stopped at the global time guard"))
@@ -333,6 +358,10 @@ def run_job(engine, model_key, args, device, deadline):
 
 def summarise(speeds):
     return statistics.median(speeds), min(speeds), max(speeds)
+
+
+def speed(value):
+    return f"{value:9.1f}" if value >= 10 else f"{value:9.3f}"  # a CPU's 0.3 img/s keeps its digits
 
 
 def print_table(results, device_names, models, engines, args, device, wall):
@@ -357,9 +386,8 @@ def print_table(results, device_names, models, engines, args, device, wall):
                 elif "error" in record:
                     print(row + record["error"])
                 else:
-                    median, low, high = summarise(record["img_s"])
-                    print(row + f"{median:9.1f} {low:9.1f} {high:9.1f} {len(record['img_s']):6d} "
-                                f"{record['warmup_s']:9.1f}")
+                    figures = " ".join(speed(value) for value in summarise(record["img_s"]))
+                    print(row + f"{figures} {len(record['img_s']):6d} {record['warmup_s']:9.1f}")
     print()
     for key in models:
         for phase in PHASES:
