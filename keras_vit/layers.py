@@ -549,8 +549,10 @@ class TransformerBlock(layers.Layer):
         kernel = ops.concatenate([ops.reshape(d.kernel, (width, width)) for d in dense], axis=1)
         bias = ops.concatenate([ops.reshape(d.bias, (width,)) for d in dense], axis=0)
         projected = ops.matmul(x, ops.cast(kernel, x.dtype)) + ops.cast(bias, x.dtype)
-        projected = ops.reshape(projected, (batch, -1, 3, self.num_heads, width // self.num_heads))
-        return projected[:, :, 0], projected[:, :, 1], projected[:, :, 2]
+        # split, not three slices: a slice's gradient is a full-size scatter
+        # (a tenth of a training step on TensorFlow), split's is one concat.
+        heads = (batch, -1, self.num_heads, width // self.num_heads)
+        return tuple(ops.reshape(part, heads) for part in ops.split(projected, 3, axis=-1))
 
     def _attention_output(self, attended):
         """(batch, tokens, heads, head) -> (batch * tokens, width), the output projection."""
