@@ -286,7 +286,7 @@ def _add_export(subparsers):
                         "all to one; MODEL is built with input_shape=(None, None, 3) (a .keras model must be)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                         help="export an int8 copy (Keras's model.quantize: int8 Dense/attention kernels and "
-                        "matmuls); outputs close to float's, not equal; on a CPU it can be slower than float32")
+                        "matmuls): a quarter of the size, outputs close to float's; slower than float32 on CPUs")
 
 
 def _run_export(args):

@@ -38,9 +38,12 @@ attention projections, the MLPs, the head) is stored as int8 with one float32
 scale per output channel, and each of their matmuls quantizes its input per
 token on the fly and multiplies int8 by int8 into int32. The patch embedding
 (a convolution), LayerNorms, attention softmax and position embedding stay
-float. The export's variables are about a quarter of the float32 size; its
-outputs are close to float's, not equal (see the README's "Serving" for the
-measured accuracy and speed: on a CPU it can be slower than float32).
+float. The export's variables are about a quarter of the float32 size
+(ViT-B/16: 85 MiB, not 330) and its outputs are close to float's, not equal
+(the demo's digits: the same held-out accuracy). On a CPU it is slower than
+float32, not faster (TensorFlow's CPU int8 matmul runs at about a third of
+float32's throughput; `benchmarks/int8_serving.py`): do not use it for speed
+on a CPU.
 
 TF Serving runs graphs, so this module needs the TensorFlow backend; it
 imports TensorFlow only when called, so `import keras_vit` works without it.

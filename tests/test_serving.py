@@ -264,6 +264,19 @@ def test_int8_export_leaves_the_model_float(tmp_path):
     np.testing.assert_array_equal(model.predict(images, verbose=0), before)
 
 
+def test_int8_export_of_a_model_of_any_size(tmp_path):
+    """quantize="int8" with any_size=True: serve_float takes each size, close to float."""
+    model = tiny_vit(input_shape=(None, None, 3))
+    randomize_head(model)
+    served = tf.saved_model.load(serving.export_for_serving(model, str(tmp_path), any_size=True, quantize="int8"))
+    assert [v.dtype for v in served.model_variables].count(tf.int8) == len(_quantizable_kernels(model))
+    for shape in ((2, 32, 32, 3), (2, 24, 48, 3)):
+        images = np.random.default_rng(0).uniform(0, 255, shape).astype("float32")
+        probabilities = served.signatures["serve_float"](images=tf.constant(images))["probabilities"].numpy()
+        difference = np.abs(probabilities - model.predict(images, verbose=0)).max()
+        assert 1e-5 < difference <= INT8_TOLERANCE, (shape, difference)
+
+
 @pytest.mark.parametrize("quantize, problem", [
     ("int4", "quantize must be None (float) or 'int8', got 'int4'"),
     ("INT8", "quantize must be None (float) or 'int8', got 'INT8'"),
