@@ -454,6 +454,19 @@ class TransformerBlock(layers.Layer):
     Call with `return_attention_scores=True` to also get the attention
     probabilities, (batch, heads, tokens, tokens). `keras_vit.attention_model`
     does this for every block of a built model, sharing its weights.
+
+    The weights live in Keras's own `MultiHeadAttention` (`attention`: the
+    query/key/value/attention_output variables the checkpoint loader and saved
+    files know) and two `Dense` layers. Only the attention maps and attention
+    dropout in training and quantized models (`model.quantize`) run through
+    `MultiHeadAttention` itself; the fast path
+    (every other call) uses the same variables differently, for speed:
+    - the tokens of all images are rows of one matrix, so every projection is
+      a single 2-D matmul that oneDNN fuses with its bias and residual add;
+    - query, key and value come from one matmul with the three kernels side by
+      side, not three;
+    - `keras.ops.dot_product_attention` does the attention itself (softmax in
+      float32; the flash kernels on JAX and PyTorch GPUs).
     """
 
     def __init__(
@@ -500,12 +513,63 @@ class TransformerBlock(layers.Layer):
         self.mlp_out = layers.Dense(width, dtype=policy, name="mlp_out")
         self.norm1.build(input_shape)
         self.norm2.build(input_shape)
+        # Weightless, but `model.quantize` needs every sublayer built, and the
+        # fast path calls drop-path only in training.
+        self.dropout.build(input_shape)
+        self.drop_path.build(input_shape)
         self.attention.build(input_shape, input_shape)
         self.mlp_in.build(input_shape)
         self.mlp_out.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
         self.built = True
 
     def call(self, inputs, training=None, return_attention_scores=False):
+        if return_attention_scores or (training and self.attention_dropout_rate) or self._quantized():
+            return self._call_keras_attention(inputs, training, return_attention_scores)
+        batch, width = ops.shape(inputs)[0], inputs.shape[-1]
+        x = ops.reshape(inputs, (-1, width))  # (batch * tokens, width)
+        query, key, value = self._query_key_value(self.norm1(x), batch)
+        attended = ops.dot_product_attention(query, key, value)  # (batch, tokens, heads, head)
+        x = x + self._residual_branch(self._attention_output(attended), batch, training)
+
+        y = self.mlp_in(self.norm2(x))
+        y = keras.activations.gelu(y, approximate=self.gelu_approximate)
+        y = self.mlp_out(self.dropout(y, training=training))
+        x = x + self._residual_branch(y, batch, training)
+        return ops.reshape(x, ops.shape(inputs))
+
+    def _quantized(self):
+        # After `model.quantize(...)` a kernel is stored in int8 with separate
+        # scales, which only the EinsumDense layers themselves apply.
+        return self.attention.query_dense.quantization_mode is not None
+
+    def _query_key_value(self, x, batch):
+        """(batch * tokens, width) -> query, key, value: (batch, tokens, heads, head)."""
+        width = x.shape[-1]
+        dense = (self.attention.query_dense, self.attention.key_dense, self.attention.value_dense)
+        kernel = ops.concatenate([ops.reshape(d.kernel, (width, width)) for d in dense], axis=1)
+        bias = ops.concatenate([ops.reshape(d.bias, (width,)) for d in dense], axis=0)
+        projected = ops.matmul(x, ops.cast(kernel, x.dtype)) + ops.cast(bias, x.dtype)
+        # split, not three slices: a slice's gradient is a full-size scatter
+        # (a tenth of a training step on TensorFlow), split's is one concat.
+        heads = (batch, -1, self.num_heads, width // self.num_heads)
+        return tuple(ops.reshape(part, heads) for part in ops.split(projected, 3, axis=-1))
+
+    def _attention_output(self, attended):
+        """(batch, tokens, heads, head) -> (batch * tokens, width), the output projection."""
+        dense = self.attention.output_dense
+        width = dense.kernel.shape[-1]
+        kernel = ops.cast(ops.reshape(dense.kernel, (width, width)), attended.dtype)
+        return ops.matmul(ops.reshape(attended, (-1, width)), kernel) + ops.cast(dense.bias, attended.dtype)
+
+    def _residual_branch(self, y, batch, training):
+        """Dropout, then drop-path, which drops whole images: it needs the batch axis back."""
+        y = self.dropout(y, training=training)
+        if training and self.drop_path_rate:
+            y = ops.reshape(self.drop_path(ops.reshape(y, (batch, -1, y.shape[-1])), training=training), (-1, y.shape[-1]))
+        return y
+
+    def _call_keras_attention(self, inputs, training, return_attention_scores):
+        """The same block through `MultiHeadAttention`: attention maps, attention dropout."""
         x = self.norm1(inputs)
         attended = self.attention(
             x, x, training=training, return_attention_scores=return_attention_scores

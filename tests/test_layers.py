@@ -1,5 +1,7 @@
 """Layer-level checks: serialization, the official interpolation, numerics."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -88,6 +90,52 @@ def test_transformer_block_matches_reference_numpy():
 
     _, scores = block(x, return_attention_scores=True)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(scores), probs, atol=1e-5)
+
+
+def _random_block(seed=4, **kwargs):
+    block = vit_layers.TransformerBlock(num_heads=2, mlp_dim=12, **kwargs)
+    block.build((None, 5, 8))
+    rng = np.random.default_rng(seed)
+    for w in block.weights:
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    return block
+
+
+def test_the_fast_path_and_multi_head_attentions_own_call_agree():
+    """Attention maps go through MultiHeadAttention; every other call through the fast path."""
+    block = _random_block()
+    x = np.random.default_rng(3).normal(size=(3, 5, 8)).astype("float32")
+    fast = keras.ops.convert_to_numpy(block(x))
+    through_keras_attention, _ = block(x, return_attention_scores=True)
+    np.testing.assert_allclose(fast, keras.ops.convert_to_numpy(through_keras_attention), atol=1e-5)
+
+
+def test_drop_path_in_the_fast_path_drops_whole_images():
+    block = _random_block(drop_path_rate=0.7)
+    x = np.random.default_rng(5).normal(size=(32, 5, 8)).astype("float32")
+    kept = keras.ops.convert_to_numpy(block(x))  # inference: both branches kept
+    out = keras.ops.convert_to_numpy(block(x, training=True))
+    both_dropped = np.all(out == x, axis=(1, 2))
+    # Each image keeps or drops each branch as a whole: an image is either
+    # exactly its input (both dropped) or differs from it in every token.
+    assert 0 < both_dropped.sum() < 32
+    assert np.all(np.any(out[~both_dropped] != x[~both_dropped], axis=2))
+    assert not np.allclose(out[~both_dropped], kept[~both_dropped])  # the kept branches are rescaled
+
+
+def test_a_quantized_block_computes_with_its_int8_kernels_and_scales():
+    block = _random_block()
+    x = np.random.default_rng(6).normal(size=(2, 5, 8)).astype("float32")
+    float_output = keras.ops.convert_to_numpy(block(x))
+    inputs = keras.Input((5, 8))
+    model = keras.Model(inputs, block(inputs))
+    with warnings.catch_warnings():  # "InputLayer does not have a `quantize` method": expected
+        warnings.simplefilter("ignore")
+        model.quantize("int8")
+    assert "int8" in str(block.attention.query_dense._kernel.dtype)
+    int8_output = keras.ops.convert_to_numpy(block(x))
+    assert not np.array_equal(int8_output, float_output)  # it did compute in int8
+    np.testing.assert_allclose(int8_output, float_output, atol=0.1 * np.abs(float_output).max())
 
 
 def test_mha_kernels_have_official_shapes():
