@@ -74,7 +74,9 @@ def files(tmp_path_factory):
 
 
 TINY_NAMES = ["apple", "bear", "cloud", "dune", "eel"]
+INT8_TOLERANCE = 0.1  # test_serving.py's: largest int8-vs-float probability difference (why: there)
 EXPORT = ["export", "tiny.keras", "exports/tiny", "--labels", "names.txt", "--top", "2"]
+EXPORT_INT8 = ["export", "tiny.keras", "exports/tiny_int8", "--labels", "names.txt", "--top", "2", "--quantize", "int8"]
 # Every class of the tiny model with its softmax head, and of the same weights returning logits.
 PREDICT_ALL = {name: ["predict", *EXAMPLE_IMAGES, "--model", name, "--labels", "names.txt", "--top", "5"]
                for name in ("tiny.keras", "tiny_logits.keras")}
@@ -101,6 +103,8 @@ MISUSES = [
     (["export"], "required: MODEL, EXPORT_DIR"),
     (["export", "ViT_X99", "{folder}/export"], "Unknown model 'ViT_X99'"),
     (["export", "ViT_B16", "{folder}/export", "--weights", "no_such_tag"], "Unknown weights 'no_such_tag'"),
+    (["export", "{tiny}", "{folder}/export", "--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),
+    (["export", "{tiny}", "{folder}/export", "--quantize"], "argument --quantize: expected one argument"),
     (["demo", "--epochs", "many"], "--epochs"),
 ]
 
@@ -111,7 +115,7 @@ def batch(files, tmp_path_factory):
     values = dict(files, missing=os.path.join(files["folder"], "missing.jpg"), image=EXAMPLE_IMAGES[0])
     command_lines = [[part.format(**values) for part in argv] for argv, _ in MISUSES]
     command_lines += [[name, "--help"] for name in SUBCOMMANDS] + [["--help"]]
-    command_lines += [["list"], ["predict", *EXAMPLE_IMAGES, "--model", "ViT_Ti16", "--top", "3"], EXPORT]
+    command_lines += [["list"], ["predict", *EXAMPLE_IMAGES, "--model", "ViT_Ti16", "--top", "3"], EXPORT, EXPORT_INT8]
     command_lines += list(PREDICT_ALL.values())
     work = tmp_path_factory.mktemp("batch")
     (work / "argv.json").write_text(json.dumps(command_lines))
@@ -210,6 +214,24 @@ def test_export_writes_a_servable_model(batch, files):
     np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
     top = [[TINY_NAMES[i].encode() for i in row] for row in np.argsort(-expected, axis=-1)[:, :2]]
     assert served["top_k_labels"].numpy().tolist() == top
+
+
+def test_export_quantize_int8_writes_an_int8_model(batch, files):
+    """--quantize int8: the export's Dense/attention kernels are int8 and its
+    probabilities are close to the float model's (test_serving's bound), not equal."""
+    import tensorflow as tf
+
+    from keras_vit import cli, serving
+
+    assert cli.QUANTIZE_CHOICES == serving.QUANTIZE_MODES
+    result = batch[0][tuple(EXPORT_INT8)]
+    assert result["code"] == 0 and result["stderr"] == "", result["stderr"]  # no warning per unquantized layer
+    assert f"(its saved weights, 5 classes, 32x32, int8) -> exports/tiny_int8{os.sep}1" in result["stdout"]
+    loaded = tf.saved_model.load(os.path.join(files["folder"], "exports", "tiny_int8", "1"))
+    assert [v.dtype for v in loaded.model_variables].count(tf.int8) == 13  # 2 blocks x 6 + the head
+    served = loaded.signatures["serve_float"](images=tf.constant(harness.images(2)))["probabilities"].numpy()
+    difference = np.abs(served - files["model"].predict(harness.images(2), verbose=0)).max()
+    assert 1e-5 < difference <= INT8_TOLERANCE, difference
 
 
 def test_predict_matches_the_model_and_explains(files, tmp_path):

@@ -1,9 +1,10 @@
 """TF Serving export: the SavedModel must stand alone and agree with model.predict.
 
 One tiny non-square model (with its own class names) and one that takes
-[-1, 1] inputs and returns logits are exported once per module; a fresh
-Python process that cannot import keras or keras_vit loads both, as TF
-Serving would, and `saved_model_cli run` reads one.
+[-1, 1] inputs and returns logits are exported once per module, and the
+first again as int8; a fresh Python process that cannot import keras or
+keras_vit loads all three, as TF Serving would, and `saved_model_cli run`
+reads one.
 """
 
 import base64
@@ -29,6 +30,14 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason=
 SHAPE = (32, 48, 3)
 NAMES = ["cat", "dog", "car", "tree", "boat"]
 TOLERANCE = 1e-5
+# int8 export vs the float model, largest probability difference. Keras's
+# int8 rounds each kernel per output channel and each matmul input per token
+# to 127 steps of its largest magnitude (up to 1/254 of it per value); through
+# the tiny random model's 13 quantized matmuls this moved its probabilities
+# by up to 0.039 on these 3 random-pixel images (0.032 on 64 others): the
+# bound leaves 2.5x. A wrong scale or layout moves them by O(1); the exact
+# check is against Keras's own quantized copy (TOLERANCE).
+INT8_TOLERANCE = 0.1
 DEFAULT_K = serving.DEFAULT_TOP_K  # the "scaled" export's top_k (its 5 classes)
 EXAMPLE_IMAGE = os.path.join(os.path.dirname(__file__), "..", "examples", "images", "cat.jpg")
 
@@ -55,6 +64,8 @@ def exported(tmp_path_factory):
     return {
         "pixels": (pixels_model, serving.export_for_serving(pixels_model, str(root / "pixels"), class_names=NAMES, top_k=3)),
         "scaled": (scaled_model, serving.export_for_serving(scaled_model, str(root / "scaled"))),
+        "int8": (pixels_model, serving.export_for_serving(
+            pixels_model, str(root / "int8"), class_names=NAMES, top_k=3, quantize="int8")),
     }
 
 
@@ -93,6 +104,19 @@ FRESH_PROCESS = textwrap.dedent(
     body = json.loads(open(sys.argv[4]).read())
     encoded = [base64.b64decode(item["b64"]) for item in body["instances"]]  # as TF Serving does
     results["pixels/bytes"] = tf.saved_model.load(sys.argv[2]).signatures["serving_default"](images=tf.constant(encoded))
+    int8 = tf.saved_model.load(sys.argv[6])
+    results["int8/float"] = int8.signatures["serve_float"](images=tf.constant(inputs["pixels_float"]))
+    results["int8/uint8"] = int8.signatures["serve_pixels"](images=tf.constant(inputs["uint8"]))
+    # What the int8 export stores and runs: its variables' dtypes, and its
+    # graph's matmuls that take int8 operands (in the signature's function library).
+    graph = int8.signatures["serve_float"].graph.as_graph_def()
+    nodes = list(graph.node) + [node for function in graph.library.function for node in function.node_def]
+    int8_matmuls = [node.name for node in nodes if node.op.startswith(("MatMul", "BatchMatMul"))
+                    and node.attr["Ta" if "Ta" in node.attr else "T"].type == tf.int8.as_datatype_enum]
+    results["int8/graph"] = {
+        "variable_dtypes": tf.constant([v.dtype.name for v in int8.model_variables]),
+        "int8_matmuls": tf.constant(len(int8_matmuls)),
+    }
     arrays = {f"{key}:{name}": value.numpy() for key, out in results.items() for name, value in out.items()}
     np.savez(sys.argv[5], **{key: a.astype("S") if a.dtype == object else a for key, a in arrays.items()})
     """
@@ -114,7 +138,7 @@ def fresh_process_outputs(exported, tmp_path_factory):
     script = work / "serve.py"
     script.write_text(FRESH_PROCESS)
     command = [sys.executable, str(script), str(work / "inputs.npz"), exported["pixels"][1],
-               exported["scaled"][1], str(work / "request.json"), str(work / "outputs.npz")]
+               exported["scaled"][1], str(work / "request.json"), str(work / "outputs.npz"), exported["int8"][1]]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     outputs = dict(np.load(work / "outputs.npz"))
@@ -178,6 +202,104 @@ def test_fresh_process_model_without_preprocessing(fresh_process_outputs, softma
     np.testing.assert_allclose(outputs["scaled/uint8:top_k_scores"], -np.sort(-expected)[:, :DEFAULT_K], atol=TOLERANCE)
     np.testing.assert_allclose(outputs["scaled/uint8:probabilities"].sum(axis=-1), 1.0, rtol=1e-5)
     assert outputs["scaled/uint8:top_k_labels"][0, 0].decode().startswith("class_")
+
+
+def _quantizable_kernels(model):
+    """The kernels Keras's int8 mode quantizes: one per Dense and EinsumDense layer."""
+    return [layer for layer in model._flatten_layers() if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))]
+
+
+def test_fresh_process_int8_export_stores_and_runs_int8(exported, fresh_process_outputs):
+    """Every Dense/EinsumDense kernel is an int8 variable of the export (13 in
+    the tiny model: 4 attention projections and 2 MLP layers per block, the
+    head) and each of their matmuls multiplies int8 by int8."""
+    _, outputs = fresh_process_outputs
+    model, _ = exported["int8"]
+    kernels = len(_quantizable_kernels(model))
+    assert kernels == 13
+    dtypes = [dtype.decode() for dtype in outputs["int8/graph:variable_dtypes"]]
+    assert dtypes.count("int8") == kernels, dtypes
+    assert set(dtypes) == {"int8", "float32"}  # biases, scales, norms, embeddings, patch convolution
+    assert outputs["int8/graph:int8_matmuls"] >= kernels
+
+
+def test_fresh_process_int8_export_is_close_to_float(exported, fresh_process_outputs):
+    """The int8 export gives what Keras's own quantized copy gives in this
+    process (to float rounding), which is close to the float model but not
+    equal to it (so the float graph was not exported by mistake)."""
+    inputs, outputs = fresh_process_outputs
+    model, _ = exported["int8"]
+    quantized = serving.quantized_copy(model)
+    for name, images in (("float", inputs["pixels_float"]), ("uint8", inputs["uint8"].astype("float32"))):
+        served = outputs[f"int8/{name}:probabilities"]
+        assert np.abs(served - quantized.predict(images, verbose=0)).max() <= TOLERANCE
+        expected = model.predict(images, verbose=0)
+        difference = np.abs(served - expected).max()
+        assert 1e-5 < difference <= INT8_TOLERANCE, difference
+        # The same best class wherever float's is clear (random pixels give near-ties).
+        ranked = np.sort(expected, axis=-1)
+        clear = ranked[:, -1] - ranked[:, -2] > 2 * INT8_TOLERANCE
+        assert clear.any()
+        np.testing.assert_array_equal(served.argmax(axis=-1)[clear], expected.argmax(axis=-1)[clear])
+    assert outputs["int8/float:top_k_labels"].shape == (3, 3)
+
+
+def test_int8_export_leaves_the_model_float(tmp_path):
+    """quantize="int8" quantizes a copy: the caller's model keeps its float
+    variables (the same objects, the same values) and its predictions."""
+    model = tiny_vit(input_shape=SHAPE)
+    randomize_head(model)
+    images = _pixels(2).astype("float32")
+    before = model.predict(images, verbose=0)
+    variables = {id(v): (v.path, v.dtype, keras.ops.convert_to_numpy(v).copy()) for v in model.weights}
+    policies = [layer.dtype_policy.name for layer in model._flatten_layers()]
+    serving.export_for_serving(model, str(tmp_path), quantize="int8")
+    assert {id(v) for v in model.weights} == set(variables)
+    for v in model.weights:
+        path, dtype, value = variables[id(v)]
+        assert v.dtype == dtype == "float32", path
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), value)
+    assert [layer.dtype_policy.name for layer in model._flatten_layers()] == policies
+    assert not any(serving._quantization_mode(layer) for layer in model._flatten_layers())
+    np.testing.assert_array_equal(model.predict(images, verbose=0), before)
+
+
+def test_int8_export_of_a_model_of_any_size(tmp_path):
+    """quantize="int8" with any_size=True: serve_float takes each size, close to float."""
+    model = tiny_vit(input_shape=(None, None, 3))
+    randomize_head(model)
+    served = tf.saved_model.load(serving.export_for_serving(model, str(tmp_path), any_size=True, quantize="int8"))
+    assert [v.dtype for v in served.model_variables].count(tf.int8) == len(_quantizable_kernels(model))
+    for shape in ((2, 32, 32, 3), (2, 24, 48, 3)):
+        images = np.random.default_rng(0).uniform(0, 255, shape).astype("float32")
+        probabilities = served.signatures["serve_float"](images=tf.constant(images))["probabilities"].numpy()
+        difference = np.abs(probabilities - model.predict(images, verbose=0)).max()
+        assert 1e-5 < difference <= INT8_TOLERANCE, (shape, difference)
+
+
+@pytest.mark.parametrize("quantize, problem", [
+    ("int4", "quantize must be None (float) or 'int8', got 'int4'"),
+    ("INT8", "quantize must be None (float) or 'int8', got 'INT8'"),
+    (True, "quantize must be None (float) or 'int8', got True"),
+    ("float8", "got 'float8'"),
+])
+def test_export_refuses_an_unknown_quantize_mode(tmp_path, quantize, problem):
+    with pytest.raises(ValueError) as error:
+        serving.export_for_serving(tiny_vit(), str(tmp_path), quantize=quantize)
+    assert problem in str(error.value) and "\n" not in str(error.value)
+    assert os.listdir(tmp_path) == [], "a refused export writes nothing"
+
+
+def test_int8_export_refuses_a_model_it_cannot_quantize(tmp_path):
+    already = serving.quantized_copy(tiny_vit())
+    with pytest.raises(ValueError, match="is already quantized .* export it with quantize=None"):
+        serving.export_for_serving(already, str(tmp_path), quantize="int8")
+    # No Dense or EinsumDense layer: Keras would quantize nothing.
+    inputs = keras.Input((8, 8, 3))
+    convolution = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs)))
+    with pytest.raises(ValueError, match="has no layer that Keras quantizes"):
+        serving.export_for_serving(convolution, str(tmp_path), quantize="int8")
+    assert os.listdir(tmp_path) == []
 
 
 def test_saved_model_cli_run(exported, tmp_path):
