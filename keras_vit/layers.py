@@ -457,10 +457,10 @@ class TransformerBlock(layers.Layer):
 
     The weights live in Keras's own `MultiHeadAttention` (`attention`: the
     query/key/value/attention_output variables the checkpoint loader and saved
-    files know) and two `Dense` layers. Only the attention maps and attention
-    dropout in training and quantized models (`model.quantize`) run through
-    `MultiHeadAttention` itself; the fast path
-    (every other call) uses the same variables differently, for speed:
+    files know) and two `Dense` layers. Three cases run through
+    `MultiHeadAttention` itself: attention maps, attention dropout in
+    training, and quantized models (`model.quantize`). Every other call takes
+    the fast path, which uses the same variables differently, for speed:
     - the tokens of all images are rows of one matrix, so every projection is
       a single 2-D matmul that oneDNN fuses with its bias and residual add;
     - query, key and value come from one matmul with the three kernels side by
@@ -569,7 +569,7 @@ class TransformerBlock(layers.Layer):
         return y
 
     def _call_keras_attention(self, inputs, training, return_attention_scores):
-        """The same block through `MultiHeadAttention`: attention maps, attention dropout."""
+        """The same block through `MultiHeadAttention`: attention maps, attention dropout, int8."""
         x = self.norm1(inputs)
         attended = self.attention(
             x, x, training=training, return_attention_scores=return_attention_scores
