@@ -117,7 +117,7 @@ def training_call(model, images, labels):
 
 
 def roofline_call(rows, inner, cols, dtype):
-    """One matmul of the model's MLP shape; returns its GFLOP/s-per-call figure via flops."""
+    """A call of one matmul of the model's MLP shape, (rows x inner) . (inner x cols), in `dtype`."""
     a = tf.cast(tf.random.normal((rows, inner)), dtype)
     b = tf.cast(tf.random.normal((inner, cols)), dtype)
     matmul = tf.function(tf.matmul)

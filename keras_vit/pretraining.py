@@ -32,7 +32,8 @@ import math
 import keras
 from keras import layers, ops
 
-from keras_vit.layers import PIXEL_OFFSET, PIXEL_SCALE, TransformerBlock, as_pair, serializable
+from keras_vit.layers import PIXEL_OFFSET, PIXEL_SCALE, as_pair, serializable
+from keras_vit.views import transformer_blocks
 
 TARGETS = ("mean_color", "downsampled", "pixels")
 DOWNSAMPLED_GRID = 4  # the paper's 4x4 downsampled patch: 16 predictions per patch
@@ -289,7 +290,7 @@ class MaskedPatchPrediction(keras.Model):
         position_embedding = encoder.get_layer("position_embedding")
         x = position_embedding(x, scaled) if position_embedding.patch_pixels is not None else position_embedding(x)
         x = encoder.get_layer("embedding_dropout")(x, training=training)
-        for block in _blocks(encoder):
+        for block in transformer_blocks(encoder):
             x = block(x, training=training)
         x = encoder.get_layer("encoder_norm")(x)
         patches = x[:, self.num_prefix_tokens :]
@@ -345,8 +346,4 @@ class MaskedPatchPrediction(keras.Model):
         config = dict(config)
         encoder = keras.saving.deserialize_keras_object(config.pop("encoder"), custom_objects=custom_objects)
         return cls(encoder, **config)
-
-
-def _blocks(model):
-    return [layer for layer in model.layers if isinstance(layer, TransformerBlock)]
 

@@ -6,7 +6,8 @@ from keras import layers, ops
 from keras_vit.layers import TransformerBlock
 
 
-def _blocks(model):
+def transformer_blocks(model):
+    """The model's Transformer blocks, in order."""
     return [layer for layer in model.layers if isinstance(layer, TransformerBlock)]
 
 
@@ -21,7 +22,7 @@ def feature_extractor(model, outputs=None):
     returns). `outputs` picks a subset of the keys.
     """
     available = {"stem": "patch_embed", "with_posemb": "position_embedding"}
-    available.update({block.name: block.name for block in _blocks(model)})
+    available.update({block.name: block.name for block in transformer_blocks(model)})
     available["encoded"] = "encoder_norm"
     names = {layer.name for layer in model.layers}
     for key in ("pre_logits", "pool"):
@@ -48,7 +49,7 @@ def attention_model(model):
     Output: a list with one (batch, heads, tokens, tokens) tensor per
     Transformer block, the softmax attention probabilities.
     """
-    blocks = _blocks(model)
+    blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"Model {model.name!r} has no TransformerBlock layers.")
     scores = [_AttentionScores(block)(block.input) for block in blocks]
