@@ -464,9 +464,11 @@ class TransformerBlock(layers.Layer):
     - the tokens of all images are rows of one matrix, so every projection is
       a single 2-D matmul that oneDNN fuses with its bias and residual add;
     - query, key and value come from one matmul with the three kernels side by
-      side, not three;
-    - `keras.ops.dot_product_attention` does the attention itself (softmax in
-      float32; the flash kernels on JAX and PyTorch GPUs).
+      side, not three, and the logit scale 1/sqrt(head) is folded into the
+      query's weights;
+    - on JAX and PyTorch, `keras.ops.dot_product_attention` does the attention
+      itself (the flash kernels on GPUs); on TensorFlow, which has none, two
+      einsums with the heads moved forward once, softmax in float32.
     """
 
     def __init__(
@@ -527,8 +529,7 @@ class TransformerBlock(layers.Layer):
             return self._call_keras_attention(inputs, training, return_attention_scores)
         batch, width = ops.shape(inputs)[0], inputs.shape[-1]
         x = ops.reshape(inputs, (-1, width))  # (batch * tokens, width)
-        query, key, value = self._query_key_value(self.norm1(x), batch)
-        attended = ops.dot_product_attention(query, key, value)  # (batch, tokens, heads, head)
+        attended = self._self_attention(self.norm1(x), batch)
         x = x + self._residual_branch(self._attention_output(attended), batch, training)
 
         y = self.mlp_in(self.norm2(x))
@@ -542,24 +543,37 @@ class TransformerBlock(layers.Layer):
         # scales, which only the EinsumDense layers themselves apply.
         return self.attention.query_dense.quantization_mode is not None
 
-    def _query_key_value(self, x, batch):
-        """(batch * tokens, width) -> query, key, value: (batch, tokens, heads, head)."""
+    def _self_attention(self, x, batch):
+        """(batch * tokens, width) -> the heads' attended values, (batch * tokens, width)."""
         width = x.shape[-1]
+        heads, head = self.num_heads, width // self.num_heads
+        # One matmul for query, key and value (their kernels side by side),
+        # with the 1/sqrt(head) logit scale folded into the query's weights.
         dense = (self.attention.query_dense, self.attention.key_dense, self.attention.value_dense)
-        kernel = ops.concatenate([ops.reshape(d.kernel, (width, width)) for d in dense], axis=1)
-        bias = ops.concatenate([ops.reshape(d.bias, (width,)) for d in dense], axis=0)
+        scales = (1.0 / math.sqrt(head), 1.0, 1.0)
+        kernel = ops.concatenate([ops.reshape(d.kernel, (width, width)) * s for d, s in zip(dense, scales)], axis=1)
+        bias = ops.concatenate([ops.reshape(d.bias, (width,)) * s for d, s in zip(dense, scales)], axis=0)
         projected = ops.matmul(x, ops.cast(kernel, x.dtype)) + ops.cast(bias, x.dtype)
-        # split, not three slices: a slice's gradient is a full-size scatter
-        # (a tenth of a training step on TensorFlow), split's is one concat.
-        heads = (batch, -1, self.num_heads, width // self.num_heads)
-        return tuple(ops.reshape(part, heads) for part in ops.split(projected, 3, axis=-1))
+        projected = ops.reshape(projected, (batch, -1, 3, heads, head))
+        if keras.backend.backend() != "tensorflow":
+            # The fused (flash) kernels of JAX and PyTorch take (batch, tokens, heads, head).
+            query, key, value = ops.unstack(projected, 3, axis=2)
+            attended = ops.dot_product_attention(query, key, value, scale=1.0)
+            return ops.reshape(attended, (-1, width))
+        # TensorFlow has no fused attention and its einsum would transpose each
+        # of query, key, value and the result: move the heads forward once.
+        query, key, value = ops.unstack(ops.transpose(projected, (2, 0, 3, 1, 4)), 3, axis=0)
+        logits = ops.einsum("bnth,bnsh->bnts", query, key)
+        weights = ops.cast(ops.softmax(ops.cast(logits, "float32"), axis=-1), value.dtype)
+        attended = ops.einsum("bnts,bnsh->bnth", weights, value)  # (batch, heads, tokens, head)
+        return ops.reshape(ops.transpose(attended, (0, 2, 1, 3)), (-1, width))
 
     def _attention_output(self, attended):
-        """(batch, tokens, heads, head) -> (batch * tokens, width), the output projection."""
+        """(batch * tokens, width) -> the output projection, same shape."""
         dense = self.attention.output_dense
         width = dense.kernel.shape[-1]
         kernel = ops.cast(ops.reshape(dense.kernel, (width, width)), attended.dtype)
-        return ops.matmul(ops.reshape(attended, (-1, width)), kernel) + ops.cast(dense.bias, attended.dtype)
+        return ops.matmul(attended, kernel) + ops.cast(dense.bias, attended.dtype)
 
     def _residual_branch(self, y, batch, training):
         """Dropout, then drop-path, which drops whole images: it needs the batch axis back."""

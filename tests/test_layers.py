@@ -110,6 +110,46 @@ def test_the_fast_path_and_multi_head_attentions_own_call_agree():
     np.testing.assert_allclose(fast, keras.ops.convert_to_numpy(through_keras_attention), atol=1e-5)
 
 
+def _weight_gradients(block, x, **call_kwargs):
+    """d sum(output**2) / d each trainable weight of `block`, on the backend in use."""
+    backend = keras.backend.backend()
+
+    def output(y):
+        return y[0] if isinstance(y, tuple) else y
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(output(block(x, **call_kwargs)) ** 2)
+        grads = tape.gradient(loss, block.trainable_variables)
+    elif backend == "jax":
+        import jax
+
+        def loss(trainable):
+            y, _ = block.stateless_call(trainable, [], x, **call_kwargs)
+            return (output(y) ** 2).sum()
+
+        grads = jax.grad(loss)([v.value for v in block.trainable_variables])
+    else:
+        for v in block.trainable_variables:
+            v.value.grad = None
+        (output(block(x, **call_kwargs)) ** 2).sum().backward()
+        grads = [v.value.grad for v in block.trainable_variables]
+    return [keras.ops.convert_to_numpy(g) for g in grads]
+
+
+def test_the_fast_path_trains_the_same_weights_as_multi_head_attentions_own_call():
+    block = _random_block()
+    x = np.random.default_rng(7).normal(size=(3, 5, 8)).astype("float32")
+    fast = _weight_gradients(block, x)
+    through_keras_attention = _weight_gradients(block, x, return_attention_scores=True)
+    assert len(fast) == len(block.trainable_variables) == 16
+    for variable, got, want in zip(block.trainable_variables, fast, through_keras_attention):
+        assert np.abs(want).max() > 0, variable.path
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=variable.path)
+
+
 def test_drop_path_in_the_fast_path_drops_whole_images():
     block = _random_block(drop_path_rate=0.7)
     x = np.random.default_rng(5).normal(size=(32, 5, 8)).astype("float32")
