@@ -320,13 +320,18 @@ def test_encoder_loads_into_a_constructor_with_a_new_head(tmp_path, include_top)
     assert np.abs(numpy(keras_vit.feature_extractor(fresh, ["encoded"])(images)["encoded"]) - numpy(ours)).max() > 1e-3
 
 
-def test_a_weights_file_keeps_its_head_when_the_classes_match(tmp_path):
-    model = keras_vit.ViT(**TINY, input_shape=(16, 16, 3), classes=7)
-    model.get_layer("predictions").kernel.assign(np.ones((32, 7), "float32"))
+@pytest.mark.parametrize("representation_size", [None, 16])
+def test_a_weights_file_keeps_its_head_when_the_classes_match(tmp_path, representation_size):
+    # With a representation layer the file holds two top-level Dense layers;
+    # the head is the later one.
+    config = dict(TINY, representation_size=representation_size)
+    model = keras_vit.ViT(**config, input_shape=(16, 16, 3), classes=7)
+    head = model.get_layer("predictions")
+    head.kernel.assign(np.ones(head.kernel.shape, "float32"))
     path = str(tmp_path / "seven.weights.h5")
     model.save_weights(path)
     for classes in (None, 7):  # classes default to the file's head
-        again = keras_vit.ViT(**TINY, input_shape=(16, 16, 3), weights=path, classes=classes)
+        again = keras_vit.ViT(**config, input_shape=(16, 16, 3), weights=path, classes=classes)
         np.testing.assert_array_equal(numpy(again.get_layer("predictions").kernel), 1.0)
     with pytest.raises(ValueError, match="does not fit"):
         keras_vit.ViT(**{**TINY, "hidden_size": 16}, input_shape=(16, 16, 3), weights=path, classes=3)
