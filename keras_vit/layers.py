@@ -553,7 +553,7 @@ class TransformerBlock(layers.Layer):
         scales = (1.0 / math.sqrt(head), 1.0, 1.0)
         kernel = ops.concatenate([ops.reshape(d.kernel, (width, width)) * s for d, s in zip(dense, scales)], axis=1)
         bias = ops.concatenate([ops.reshape(d.bias, (width,)) * s for d, s in zip(dense, scales)], axis=0)
-        projected = ops.matmul(x, ops.cast(kernel, x.dtype)) + ops.cast(bias, x.dtype)
+        projected = ops.add(ops.matmul(x, ops.cast(kernel, x.dtype)), ops.cast(bias, x.dtype))
         projected = ops.reshape(projected, (batch, -1, 3, heads, head))
         if keras.backend.backend() != "tensorflow":
             # The fused (flash) kernels of JAX and PyTorch take (batch, tokens, heads, head).
@@ -573,7 +573,9 @@ class TransformerBlock(layers.Layer):
         dense = self.attention.output_dense
         width = dense.kernel.shape[-1]
         kernel = ops.cast(ops.reshape(dense.kernel, (width, width)), attended.dtype)
-        return ops.matmul(attended, kernel) + ops.cast(dense.bias, attended.dtype)
+        # ops.add with a 1-D bias is TensorFlow's BiasAdd, which oneDNN fuses into
+        # the matmul together with the residual add that follows; a `+` is not.
+        return ops.add(ops.matmul(attended, kernel), ops.cast(dense.bias, attended.dtype))
 
     def _residual_branch(self, y, batch, training):
         """Dropout, then drop-path, which drops whole images: it needs the batch axis back."""
