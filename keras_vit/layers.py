@@ -549,10 +549,12 @@ class TransformerBlock(layers.Layer):
         heads, head = self.num_heads, width // self.num_heads
         # One matmul for query, key and value (their kernels side by side),
         # with the 1/sqrt(head) logit scale folded into the query's weights.
+        scale = 1.0 / math.sqrt(head)
         dense = (self.attention.query_dense, self.attention.key_dense, self.attention.value_dense)
-        scales = (1.0 / math.sqrt(head), 1.0, 1.0)
-        kernel = ops.concatenate([ops.reshape(d.kernel, (width, width)) * s for d, s in zip(dense, scales)], axis=1)
-        bias = ops.concatenate([ops.reshape(d.bias, (width,)) * s for d, s in zip(dense, scales)], axis=0)
+        kernels = [ops.reshape(d.kernel, (width, width)) for d in dense]
+        biases = [ops.reshape(d.bias, (width,)) for d in dense]
+        kernel = ops.concatenate([kernels[0] * scale, *kernels[1:]], axis=1)
+        bias = ops.concatenate([biases[0] * scale, *biases[1:]], axis=0)
         projected = ops.add(ops.matmul(x, ops.cast(kernel, x.dtype)), ops.cast(bias, x.dtype))
         projected = ops.reshape(projected, (batch, -1, 3, heads, head))
         if keras.backend.backend() != "tensorflow":
