@@ -444,6 +444,13 @@ class DropPath(layers.Layer):
         return config
 
 
+def _matmul_plus_bias(x, kernel, bias):
+    """x . kernel + bias in x's dtype. ops.add with a 1-D bias is TensorFlow's
+    BiasAdd, which oneDNN fuses into the matmul together with a residual add
+    that follows; a `+` (AddV2) is not fused there."""
+    return ops.add(ops.matmul(x, ops.cast(kernel, x.dtype)), ops.cast(bias, x.dtype))
+
+
 @serializable
 class TransformerBlock(layers.Layer):
     """A pre-LayerNorm Transformer encoder block, as the official Flax model.
@@ -555,7 +562,7 @@ class TransformerBlock(layers.Layer):
         biases = [ops.reshape(d.bias, (width,)) for d in dense]
         kernel = ops.concatenate([kernels[0] * scale, *kernels[1:]], axis=1)
         bias = ops.concatenate([biases[0] * scale, *biases[1:]], axis=0)
-        projected = ops.add(ops.matmul(x, ops.cast(kernel, x.dtype)), ops.cast(bias, x.dtype))
+        projected = _matmul_plus_bias(x, kernel, bias)
         projected = ops.reshape(projected, (batch, -1, 3, heads, head))
         if keras.backend.backend() != "tensorflow":
             # The fused (flash) kernels of JAX and PyTorch take (batch, tokens, heads, head).
@@ -576,10 +583,7 @@ class TransformerBlock(layers.Layer):
         """(batch * tokens, width) -> the output projection, same shape."""
         dense = self.attention.output_dense
         width = dense.kernel.shape[-1]
-        kernel = ops.cast(ops.reshape(dense.kernel, (width, width)), attended.dtype)
-        # ops.add with a 1-D bias is TensorFlow's BiasAdd, which oneDNN fuses into
-        # the matmul together with the residual add that follows; a `+` is not.
-        return ops.add(ops.matmul(attended, kernel), ops.cast(dense.bias, attended.dtype))
+        return _matmul_plus_bias(attended, ops.reshape(dense.kernel, (width, width)), dense.bias)
 
     def _residual_branch(self, y, batch, training):
         """Dropout, then drop-path, which drops whole images: it needs the batch axis back."""
