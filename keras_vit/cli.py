@@ -137,8 +137,9 @@ def _positive_int(text):
 def _add_model_arguments(parser, model_flag=True):
     if model_flag:
         parser.add_argument("--model", default="ViT_B16",
-                            help="constructor name (see `keras-vit list models`) or a saved .keras model; "
-                            "default ViT_B16")
+                            help="constructor name (see `keras-vit list models`), a saved .keras model, or (predict "
+                            "only) an export folder written by `keras-vit export` in any format, run by its own "
+                            "runtime; default ViT_B16")
     parser.add_argument("--weights", default=None,
                         help="checkpoint tag such as augreg_in21k+in1k (see `keras-vit list weights`), an official "
                         ".npz or a .weights.h5 file; default: random weights")
@@ -157,6 +158,10 @@ def _add_predict(subparsers):
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     _add_model_arguments(parser)
     parser.add_argument("--top", type=_positive_int, default=5, metavar="K", help="how many classes to print (5)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="with --model EXPORT_DIR of an OpenVINO export: the precision OpenVINO computes in "
+                        "(float32, the default, gives model.predict's results; bfloat16 is its fast path on CPUs "
+                        "with bf16 units)")
     parser.add_argument("--explain", metavar="OUT.png", default=None,
                         help="also write each image's attention-rollout map (the paper's Figure 6) to this PNG")
 
@@ -232,6 +237,8 @@ def _run_predict(args):
     if args.explain is not None and not args.explain.lower().endswith(".png"):
         raise UsageError(f"--explain writes a PNG picture: give a name ending in .png, got {args.explain!r}.")
     images = [_read_image(path) for path in args.images]  # every file checked before the model loads
+    if os.path.isdir(args.model):
+        return _predict_with_export(args, images)
     model, label_set, source = _load_model(args.model, args.weights)
     classes = model.output_shape[-1]
     names = vit_labels.class_names(classes, args.labels or label_set)
@@ -256,23 +263,50 @@ def _run_predict(args):
         print(f"attention maps: {args.explain}")
 
 
+def _predict_with_export(args, images):
+    """`predict --model EXPORT_DIR`: the export's own runtime classifies the images."""
+    import numpy as np
+
+    from keras_vit import runtimes
+
+    for flag, value in (("--weights", args.weights), ("--explain", args.explain)):
+        if value is not None:
+            raise UsageError(f"{flag} does not apply to an export folder ({args.model}): it holds its own model.")
+    export = runtimes.load_export(args.model, precision=args.precision)
+    scores = export.classify(images)
+    classes = scores.shape[-1]
+    names = export.class_names or [f"class_{i}" for i in range(classes)]
+    if len(names) != classes:
+        raise UsageError(f"{export.folder}: labels.txt has {len(names)} names for a model with {classes} classes.")
+    top = min(args.top, classes)
+    for path, row in zip(args.images, scores):
+        print(f"{path}  ({export.title}, {export.file})")
+        for rank, index in enumerate(np.argsort(-row)[:top], 1):
+            print(f"  {rank}. {row[index]:.4f}  {names[index]}")
+
+
 # ---------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------
 
 
-# keras_vit.serving.QUANTIZE_MODES, spelled out so that building the parser imports no keras (a test checks they agree).
+# keras_vit.serving.QUANTIZE_MODES and FORMATS, spelled out so that building the parser imports no keras
+# (a test checks they agree).
 QUANTIZE_CHOICES = ("int8",)
+FORMAT_CHOICES = ("tf_saved_model", "openvino", "onnx", "litert")
 
 
 def _add_export(subparsers):
     parser = subparsers.add_parser(
         "export",
-        help="export a model as a TensorFlow Serving SavedModel (EXPORT_DIR/<version>/)",
-        description="Writes MODEL as a SavedModel in EXPORT_DIR/<version>/, the layout TensorFlow Serving "
-        "loads, with signatures serving_default (encoded JPEG/PNG images, REST {\"b64\": ...}), serve_pixels "
-        "(uint8 batches) and serve_float (float32 batches as model.predict takes). The export needs "
-        "TensorFlow only, not keras_vit.",
+        help="export a model for serving (EXPORT_DIR/<version>/): a TF Serving SavedModel, or OpenVINO, ONNX "
+        "or LiteRT",
+        description="Writes MODEL in EXPORT_DIR/<version>/, the layout TensorFlow Serving (and OpenVINO Model "
+        "Server) loads. The default --format tf_saved_model has signatures serving_default (encoded JPEG/PNG "
+        "images, REST {\"b64\": ...}), serve_pixels (uint8 batches) and serve_float (float32 batches as "
+        "model.predict takes); --format openvino, onnx or litert writes one model file taking float32 [0, 255] "
+        "pixels and returning probabilities, the fast path on CPUs. Each export needs its runtime only, not "
+        "keras_vit.",
     )
     parser.add_argument("model", metavar="MODEL", help="constructor name (e.g. ViT_B16) or a saved .keras model")
     parser.add_argument("export_dir", metavar="EXPORT_DIR", help="the model's folder for TF Serving")
@@ -284,9 +318,17 @@ def _add_export(subparsers):
     parser.add_argument("--any-size", action="store_true",
                         help="serve each image at its own size (rounded to whole patches) instead of resizing "
                         "all to one; MODEL is built with input_shape=(None, None, 3) (a .keras model must be)")
+    parser.add_argument("--format", choices=FORMAT_CHOICES, default="tf_saved_model",
+                        help="tf_saved_model (TF Serving, the default), openvino (model.xml/.bin), onnx "
+                        "(model.onnx) or litert (model.tflite): the last three take float32 [0, 255] pixels at "
+                        "the model's size and return probabilities; each version folder gets labels.txt")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                        help="export an int8 copy (Keras's model.quantize: int8 Dense/attention kernels and "
-                        "matmuls): a quarter of the size, outputs close to float's; slower than float32 on CPUs")
+                        help="export int8: for tf_saved_model Keras's model.quantize (int8 Dense/attention kernels "
+                        "and matmuls; slower than float32 on CPUs), for the other formats the runtime's own int8 "
+                        "path (openvino needs --calibration-images); outputs close to float's")
+    parser.add_argument("--calibration-images", default=None, metavar="DIR",
+                        help="with --format openvino --quantize int8: a folder of images like those served "
+                        "(a few hundred) to calibrate the int8 activations")
 
 
 def _run_export(args):
@@ -296,20 +338,41 @@ def _run_export(args):
     input_shape = (None, None, 3) if args.any_size else None
     model, label_set, source = _load_model(args.model, args.weights, input_shape)
     names = vit_labels.class_names(model.output_shape[-1], args.labels or label_set)
+    calibration = _calibration_images(args.calibration_images, model) if args.calibration_images else None
     version_dir = serving.export_for_serving(
         model, args.export_dir, class_names=names, version=args.version, top_k=args.top, overwrite=args.overwrite,
-        any_size=args.any_size, quantize=args.quantize,
+        any_size=args.any_size, quantize=args.quantize, format=args.format, calibration_images=calibration,
     )
     height, width = model.input_shape[1:3]
     size = "any size" if args.any_size else f"{height}x{width}"
     precision = f", {args.quantize}" if args.quantize else ""
-    name = os.path.basename(os.path.abspath(args.export_dir))
-    print(f"{args.model} ({source}, {len(names)} classes, {size}{precision}) -> {version_dir}")
-    print(f"signatures: {', '.join(serving.SIGNATURES)}")
-    print(f"serve it:   docker run -p 8501:8501 -v {os.path.abspath(args.export_dir)}:/models/{name} "
-          f"-e MODEL_NAME={name} tensorflow/serving")
-    print(f"query it:   curl -d '{{\"instances\": [{{\"b64\": \"'$(base64 -w0 IMAGE.jpg)'\"}}]}}' "
-          f"localhost:8501/v1/models/{name}:predict")
+    folder = os.path.abspath(args.export_dir)
+    name = os.path.basename(folder)
+    kind = "" if args.format == "tf_saved_model" else f", {args.format}"
+    print(f"{args.model} ({source}, {len(names)} classes, {size}{precision}{kind}) -> {version_dir}")
+    if args.format == "tf_saved_model":
+        print(f"signatures: {', '.join(serving.SIGNATURES)}")
+        print(f"serve it:   docker run -p 8501:8501 -v {folder}:/models/{name} -e MODEL_NAME={name} tensorflow/serving")
+        print(f"query it:   curl -d '{{\"instances\": [{{\"b64\": \"'$(base64 -w0 IMAGE.jpg)'\"}}]}}' "
+              f"localhost:8501/v1/models/{name}:predict")
+    else:
+        print("input:      images, float32 (batch, height, width, 3) pixels in [0, 255]; output: probabilities")
+        if args.format in ("openvino", "onnx"):
+            print(f"serve it:   docker run -p 9000:9000 -v {folder}:/models/{name} openvino/model_server "
+                  f"--model_path /models/{name} --model_name {name} --port 9000")
+    print(f"try it:     keras-vit predict IMAGE.jpg --model {args.export_dir}")
+
+
+def _calibration_images(folder, model):
+    """The image files in `folder`, resized to the model's input size, as float32 pixels."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"--calibration-images {folder}: not a folder of images.")
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                   if os.path.isfile(os.path.join(folder, name)) and not name.startswith("."))
+    if not paths:
+        raise UsageError(f"--calibration-images {folder}: the folder has no files.")
+    size = _input_size(model)
+    return _resize_images([_read_image(path) for path in paths], size)
 
 
 # ---------------------------------------------------------------------------

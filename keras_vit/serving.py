@@ -1,11 +1,20 @@
-"""Export an image classifier as a SavedModel that TensorFlow Serving loads.
+"""Export an image classifier for serving: a TF Serving SavedModel, or an
+OpenVINO, ONNX or LiteRT model.
 
-    keras_vit.export_for_serving(model, "exports/vit")     # -> exports/vit/1/
+    keras_vit.export_for_serving(model, "exports/vit")                     # -> exports/vit/1/
+    keras_vit.export_for_serving(model, "exports/vit", format="openvino")  # -> exports/vit/2/model.xml
 
 writes `EXPORT_DIR/<version>/` (TF Serving's versioned layout; the next
-free integer by default). The forward pass is traced into the SavedModel
-graph with the model's variables, so serving it needs TensorFlow only, not
-keras or keras_vit. Three signatures, all with the same outputs:
+free integer by default), with `labels.txt` (the class names, one per line)
+beside the model. `format="openvino"`, `"onnx"` and `"litert"` write one
+model file taking float32 [0, 255] pixels and returning probabilities, as
+`serve_float` below: the fast path on CPUs (`keras_vit.runtimes` says how
+each is written, quantized and run). The rest of this page is the default
+format, the SavedModel.
+
+The forward pass is traced into the SavedModel graph with the model's
+variables, so serving it needs TensorFlow only, not keras or keras_vit.
+Three signatures, all with the same outputs:
 
     serving_default  images: string (batch,)   encoded JPEG/PNG/GIF/BMP files;
                      TF Serving's REST API carries them as {"b64": "..."}
@@ -45,8 +54,9 @@ float32, not faster (TensorFlow's CPU int8 matmul runs at about a third of
 float32's throughput; `benchmarks/int8_serving.py`): do not use it for speed
 on a CPU.
 
-TF Serving runs graphs, so this module needs the TensorFlow backend; it
-imports TensorFlow only when called, so `import keras_vit` works without it.
+Every format is written from TensorFlow graphs, so this module needs the
+TensorFlow backend; it imports TensorFlow only when called, so `import
+keras_vit` works without it.
 """
 
 import functools
@@ -59,12 +69,14 @@ import keras
 from keras import ops
 
 from keras_vit import labels as vit_labels
+from keras_vit import runtimes
 from keras_vit.errors import first_line
 from keras_vit.layers import scale_pixels
 
 SIGNATURES = ("serving_default", "serve_pixels", "serve_float")
 DEFAULT_TOP_K = 5
 QUANTIZE_MODES = ("int8",)  # `quantize=` values besides None (float, as the model is)
+FORMATS = ("tf_saved_model",) + tuple(runtimes.RUNTIMES)
 
 
 def export_for_serving(
@@ -77,8 +89,11 @@ def export_for_serving(
     overwrite=False,
     any_size=False,
     quantize=None,
+    format="tf_saved_model",
+    calibration_images=None,
 ):
-    """Writes `model` as a TF Serving SavedModel in `export_dir/<version>/`.
+    """Writes `model` for serving in `export_dir/<version>/`: a TF Serving
+    SavedModel, or an OpenVINO, ONNX or LiteRT model (`format`).
 
     Args:
         model: a Keras image classifier, (batch, H, W, 3) -> (batch, classes).
@@ -98,21 +113,69 @@ def export_for_serving(
             pixels per token) instead of resizing to one size; needs a model
             built with `input_shape=(None, None, 3)`.
         quantize: None (the default) exports the model as it is; "int8"
-            exports `quantized_copy(model)`: int8 Dense/EinsumDense kernels
-            and int8 matmuls, outputs close to (not equal to) the float
-            model's. `model` itself is not changed.
+            exports an int8 model, outputs close to (not equal to) the
+            float model's. For the SavedModel, `quantized_copy(model)`:
+            int8 Dense/EinsumDense kernels and int8 matmuls; for the other
+            formats, the runtime's own int8 path (`keras_vit.runtimes`).
+            `model` itself is not changed.
+        format: "tf_saved_model" (the default: the three signatures above),
+            "openvino" (`model.xml` + `model.bin`), "onnx" (`model.onnx`) or
+            "litert" (`model.tflite`). The last three hold one function,
+            float32 pixels "images" -> "probabilities", as `serve_float`
+            (see `keras_vit.runtimes`); each version folder also gets
+            `labels.txt`, the class names one per line. LiteRT cannot serve
+            any_size=True. The file is float32 whatever the model's dtype
+            policy: the runtime picks the precision (OpenVINO: bfloat16 on
+            CPUs with bf16 units).
+        calibration_images: with format="openvino" and quantize="int8",
+            float32 pixels (count, H, W, 3) in [0, 255], a few hundred
+            images like those served, to calibrate the int8 activations.
 
     Returns:
         The path of the written version folder.
     """
+    format = _check_format(format)
     _require_tensorflow_backend()
     _check_quantize(quantize)
+    if format != "tf_saved_model":
+        runtimes.check_export(format, any_size, quantize, calibration_images)
     plan = _plan(model, class_names, top_k, model_takes_pixels, any_size)  # checks everything, writes nothing
-    served = quantized_copy(model, quantize) if quantize else model
     version_dir, _ = _version_dir(export_dir, version, overwrite)
-    module = _saveable(_ServingGraph(served, plan).functions(), plan.class_names)
-    _write_atomically(module, export_dir, version_dir)
+    if format == "tf_saved_model":
+        served = quantized_copy(model, quantize) if quantize else model
+        module = _saveable(_ServingGraph(served, plan).functions(), plan.class_names)
+        write = functools.partial(_save_module, module)
+    else:
+        shape = (plan.height, plan.width, 3)
+        served = runtimes.serving_model(float32_copy(model), plan.model_takes_pixels, shape)
+        write = functools.partial(runtimes.write, format, served, input_shape=shape, quantize=quantize,
+                                  calibration_images=calibration_images, pixels_per_token=plan.multiple)
+    _write_atomically(write, export_dir, version_dir, plan.class_names)
     return version_dir
+
+
+def _check_format(format):
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}.")
+    return format
+
+
+def float32_copy(model):
+    """`model` itself when every layer computes in float32, else a copy
+    whose layers do (same weights): what the runtimes' files hold."""
+    import keras
+
+    if all(layer.dtype_policy.name == "float32" for layer in model._flatten_layers()):
+        return model
+
+    def as_float32(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=as_float32)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def quantized_copy(model, mode="int8"):
@@ -363,14 +426,9 @@ class _ServingGraph:
         return self.classify(tf.ensure_shape(images, (None, height, width, 3)))
 
     def native_size(self, pixels):
-        """float32 [0, 255] (batch, H, W, 3) -> resized to the nearest multiple
-        of the pixels per token (at least one token), scaled as the model expects."""
-        import tensorflow as tf
-
-        size = tf.cast(tf.shape(pixels)[1:3], tf.float32)
-        multiple = tf.constant(self.plan.multiple, tf.float32)
-        rounded = tf.maximum(tf.floor(size / multiple + 0.5), 1.0) * multiple
-        pixels = tf.image.resize(pixels, tf.cast(rounded, tf.int32), method="bilinear")
+        """float32 [0, 255] (batch, H, W, 3) -> at the nearest multiple of the
+        pixels per token, scaled as the model expects."""
+        pixels = nearest_token_multiple(pixels, self.plan.multiple)
         return pixels if self.plan.model_takes_pixels else scale_pixels(pixels)
 
     def classify_pixels(self, pixels):
@@ -401,6 +459,19 @@ class _ServingGraph:
             "top_k_indices": best.indices,
             "top_k_labels": tf.gather(self.label_table, best.indices),
         }
+
+
+def nearest_token_multiple(pixels, multiple):
+    """float32 (batch, H, W, 3) -> bilinearly resized to the nearest multiple
+    of `multiple` (rows, cols pixels per token), at least one token: how an
+    any-size export sizes each image (in its graph, and in `keras-vit
+    predict` for the other formats)."""
+    import tensorflow as tf
+
+    size = tf.cast(tf.shape(pixels)[1:3], tf.float32)
+    multiple = tf.constant(multiple, tf.float32)
+    rounded = tf.maximum(tf.floor(size / multiple + 0.5), 1.0) * multiple
+    return tf.image.resize(pixels, tf.cast(rounded, tf.int32), method="bilinear")
 
 
 def _check_input(images, name, rank, channels=None, size=None, multiple=None):
@@ -486,17 +557,23 @@ def _saveable(functions, class_names):
     return module
 
 
-def _write_atomically(module, export_dir, version_dir):
-    """Saves `module` with its SIGNATURES next to `version_dir` and renames it
-    into place: TF Serving polls the folder and must never see a half-written
-    version."""
+def _save_module(module, folder):
     import tensorflow as tf
 
     signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
+    tf.saved_model.save(module, folder, signatures=signatures)
+
+
+def _write_atomically(write, export_dir, version_dir, class_names):
+    """`write(folder)` into a folder next to `version_dir`, with `labels.txt`,
+    then renamed into place: TF Serving polls the folder and must never see
+    a half-written version, and a failed export leaves nothing."""
     partial_dir = os.path.join(export_dir, f".partial-{os.path.basename(version_dir)}-{os.getpid()}")
     shutil.rmtree(partial_dir, ignore_errors=True)
     try:
-        tf.saved_model.save(module, partial_dir, signatures=signatures)
+        os.makedirs(partial_dir)
+        write(partial_dir)
+        runtimes.write_labels(partial_dir, class_names)
         if os.path.exists(version_dir):  # overwrite=True
             shutil.rmtree(version_dir)
         os.replace(partial_dir, version_dir)
