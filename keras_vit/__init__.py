@@ -20,7 +20,8 @@ One module per concept:
     training     recipes, `Trainer` (accumulation, clipping), strategies, `train()`
     evaluation   the paper's protocols: few-shot linear accuracy, VTAB-1k
     pretraining  self-supervised masked patch prediction (§4.6): `MaskedPatchPrediction`, its targets
-    serving      `export_for_serving`: a TF Serving SavedModel
+    serving      `export_for_serving`: a TF Serving SavedModel, or an OpenVINO, ONNX or LiteRT model
+    runtimes     the CPU serving runtimes: how each format is written, quantized and run
     visualize    attention rollout maps and the paper's attention-distance figure
     demo         the offline digits demo (`keras-vit demo`)
     cli          the `keras-vit` command line

@@ -61,3 +61,39 @@ def test_time_rounds_keeps_the_compile_out_of_the_rounds_and_stops_before_the_de
     _, speeds = gpu_speed.time_rounds(step, lambda: None, batch=4, rounds=50,
                                       deadline=time.time() - 1, target_seconds=0.01)
     assert len(speeds) == 1  # past the deadline: one round, so that a figure exists
+
+
+def load_serving_speed():
+    spec = importlib.util.spec_from_file_location("serving_speed", os.path.join(ROOT, "benchmarks", "serving_speed.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ServingArgs:
+    batch = 8
+    rounds = 2
+    repeats = 3
+    latency_calls = 2
+
+
+def test_serving_speed_compares_keras_vits_best_export_with_timms_best(capsys):
+    serving_speed = load_serving_speed()
+    rounds = {
+        "OpenVINO bf16": [dict(img_s=30.0, latency_ms=[40.0, 50.0]), dict(img_s=32.0, latency_ms=[42.0, 60.0])],
+        "OpenVINO int8": [dict(img_s=50.0, latency_ms=[30.0, 31.0]), dict(img_s=52.0, latency_ms=[30.0, 90.0])],
+        "ONNX Runtime float32": [dict(img_s=9.0, latency_ms=[120.0, 130.0]), dict(img_s=11.0, latency_ms=[125.0, 128.0])],
+        "timm eager bf16": [dict(img_s=20.0, latency_ms=[45.0, 47.0]), dict(img_s=22.0, latency_ms=[46.0, 48.0])],
+        "timm torch.compile bf16": [dict(img_s=24.0, latency_ms=[44.0, 45.0]), dict(img_s=26.0, latency_ms=[44.0, 46.0])],
+        "timm eager float32": [dict(img_s=8.0, latency_ms=[130.0, 140.0]), dict(img_s=10.0, latency_ms=[135.0, 136.0])],
+    }
+    summary = serving_speed.summarize(rounds)
+    assert summary["OpenVINO bf16"] == (31.0, 30.0, 32.0, 46.0, 60.0)  # median, min, max, p50, p99
+    assert serving_speed.p99(list(range(1, 201))) == 198 and serving_speed.p99([5.0]) == 5.0
+    serving_speed.print_table(summary, {"litert": "ModuleNotFoundError: ai_edge_litert"}, "HEADER", ServingArgs())
+    out = capsys.readouterr().out
+    assert "LiteRT float32                   not run: ModuleNotFoundError: ai_edge_litert" in out
+    assert "batch 8, bf16: keras_vit's best (OpenVINO bf16) / timm's best (timm torch.compile bf16) = 1.24 (below" in out
+    assert "batch 8, bf16, int8 allowed: keras_vit's best (OpenVINO int8) / timm's best (timm torch.compile bf16) = 2.04 (meets" in out
+    assert "batch 8, float32: keras_vit's best (ONNX Runtime float32) / timm's best (timm eager float32) = 1.11 (meets" in out
+    assert "batch 1 p50 latency: keras_vit's best (OpenVINO int8, 30.5 ms) / timm's best (timm torch.compile bf16, 44.5 ms) = 0.69 (meets" in out
