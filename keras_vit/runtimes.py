@@ -75,6 +75,12 @@ RUNTIMES = {
 def check_export(format, any_size=False, quantize=None, calibration_images=None):
     """One-line errors, before anything is written, for what `format` cannot
     do or what is not installed."""
+    if calibration_images is not None and not (quantize and format == "openvino"):
+        raise ValueError(
+            "calibration_images (--calibration-images) is only used by quantize='int8' with format='openvino'."
+        )
+    if format not in RUNTIMES:  # the SavedModel: serving.py checks the rest
+        return
     runtime = RUNTIMES[format]
     if any_size and not runtime.any_size:
         raise ValueError(
@@ -92,10 +98,6 @@ def check_export(format, any_size=False, quantize=None, calibration_images=None)
         raise ValueError(
             "quantize='int8' with format='openvino' also quantizes the activations and needs "
             "calibration_images (--calibration-images DIR): a few hundred of your own images."
-        )
-    if calibration_images is not None and not (quantize and format == "openvino"):
-        raise ValueError(
-            "calibration_images (--calibration-images) is only used by quantize='int8' with format='openvino'."
         )
 
 

@@ -137,8 +137,7 @@ def export_for_serving(
     format = _check_format(format)
     _require_tensorflow_backend()
     _check_quantize(quantize)
-    if format != "tf_saved_model":
-        runtimes.check_export(format, any_size, quantize, calibration_images)
+    runtimes.check_export(format, any_size, quantize, calibration_images)
     plan = _plan(model, class_names, top_k, model_takes_pixels, any_size)  # checks everything, writes nothing
     version_dir, _ = _version_dir(export_dir, version, overwrite)
     if format == "tf_saved_model":

@@ -272,6 +272,7 @@ def test_a_mixed_precision_model_is_exported_in_float32(tmp_path):
     (dict(format="openvino", quantize="int8"), "needs calibration_images (--calibration-images DIR)"),
     (dict(format="onnx", quantize="int8", calibration_images=np.zeros((1, 32, 32, 3))),
      "only used by quantize='int8' with format='openvino'"),
+    (dict(calibration_images=np.zeros((1, 32, 32, 3))), "only used by quantize='int8' with format='openvino'"),
 ])
 def test_misuse_is_one_line_and_writes_nothing(tmp_path, arguments, problem):
     model = tiny_vit(input_shape=(None, None, 3)) if arguments.get("any_size") else tiny_vit()
