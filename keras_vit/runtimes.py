@@ -108,6 +108,26 @@ def _installed(module):
         return False
 
 
+def outputs_are_logits(model):
+    """Whether the model's last layer has no activation (logits, not
+    probabilities): the export and `keras-vit predict` then apply a softmax."""
+    activation = getattr(model.layers[-1], "activation", None)
+    return activation is None or getattr(activation, "__name__", "") == "linear"
+
+
+def nearest_token_multiple(pixels, multiple):
+    """float32 (batch, H, W, 3) -> bilinearly resized to the nearest multiple
+    of `multiple` (rows, cols pixels per token), at least one token: how an
+    any-size export sizes each image (in its graph, and in `keras-vit
+    predict` for the other formats)."""
+    import tensorflow as tf
+
+    size = tf.cast(tf.shape(pixels)[1:3], tf.float32)
+    multiple = tf.constant(multiple, tf.float32)
+    rounded = tf.maximum(tf.floor(size / multiple + 0.5), 1.0) * multiple
+    return tf.image.resize(pixels, tf.cast(rounded, tf.int32), method="bilinear")
+
+
 def serving_model(model, model_takes_pixels, input_shape):
     """A Keras model around `model`: float32 [0, 255] pixels named "images"
     -> float32 probabilities named "probabilities" (a one-key dict, so that
@@ -116,7 +136,6 @@ def serving_model(model, model_takes_pixels, input_shape):
     import keras
 
     from keras_vit.layers import pixel_rescaling
-    from keras_vit.serving import outputs_are_logits
 
     images = keras.Input(input_shape, dtype="float32", name=INPUT_NAME)
     scaled = images if model_takes_pixels else pixel_rescaling(name="scale_pixels")(images)
@@ -276,8 +295,6 @@ class LoadedExport:
 
     def _resized(self, image):
         import tensorflow as tf
-
-        from keras_vit.serving import nearest_token_multiple
 
         pixels = tf.constant(image[None], tf.float32)
         if self.input_size is None:

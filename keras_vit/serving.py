@@ -228,18 +228,11 @@ def _quantization_mode(layer):
 
 def probabilities(model, outputs):
     """`model`'s outputs as float32 class probabilities: softmaxed over the
-    last axis when the model returns logits (`outputs_are_logits`), else as
+    last axis when the model returns logits (`runtimes.outputs_are_logits`), else as
     they are. keras.ops, so the export's graph and `keras-vit predict` (numpy
     in, a backend tensor out) share it."""
     outputs = ops.cast(outputs, "float32")
-    return ops.softmax(outputs, axis=-1) if outputs_are_logits(model) else outputs
-
-
-def outputs_are_logits(model):
-    """Whether the model's last layer has no activation (logits, not
-    probabilities): the export and `keras-vit predict` then apply a softmax."""
-    activation = getattr(model.layers[-1], "activation", None)
-    return activation is None or getattr(activation, "__name__", "") == "linear"
+    return ops.softmax(outputs, axis=-1) if runtimes.outputs_are_logits(model) else outputs
 
 
 # ---------------------------------------------------------------------------
@@ -427,7 +420,7 @@ class _ServingGraph:
     def native_size(self, pixels):
         """float32 [0, 255] (batch, H, W, 3) -> at the nearest multiple of the
         pixels per token, scaled as the model expects."""
-        pixels = nearest_token_multiple(pixels, self.plan.multiple)
+        pixels = runtimes.nearest_token_multiple(pixels, self.plan.multiple)
         return pixels if self.plan.model_takes_pixels else scale_pixels(pixels)
 
     def classify_pixels(self, pixels):
@@ -458,19 +451,6 @@ class _ServingGraph:
             "top_k_indices": best.indices,
             "top_k_labels": tf.gather(self.label_table, best.indices),
         }
-
-
-def nearest_token_multiple(pixels, multiple):
-    """float32 (batch, H, W, 3) -> bilinearly resized to the nearest multiple
-    of `multiple` (rows, cols pixels per token), at least one token: how an
-    any-size export sizes each image (in its graph, and in `keras-vit
-    predict` for the other formats)."""
-    import tensorflow as tf
-
-    size = tf.cast(tf.shape(pixels)[1:3], tf.float32)
-    multiple = tf.constant(multiple, tf.float32)
-    rounded = tf.maximum(tf.floor(size / multiple + 0.5), 1.0) * multiple
-    return tf.image.resize(pixels, tf.cast(rounded, tf.int32), method="bilinear")
 
 
 def _check_input(images, name, rank, channels=None, size=None, multiple=None):

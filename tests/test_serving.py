@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import keras_vit
-from keras_vit import labels, serving
+from keras_vit import labels, runtimes, serving
 from harness import randomize_head, tiny_vit
 
 tf = pytest.importorskip("tensorflow")
@@ -81,7 +81,7 @@ def softmax_twin(exported):
     logits_model, _ = exported["scaled"]
     twin = tiny_vit(input_shape=SHAPE, include_preprocessing=False)
     twin.set_weights(logits_model.get_weights())
-    assert not serving.outputs_are_logits(twin) and serving.outputs_are_logits(logits_model)
+    assert not runtimes.outputs_are_logits(twin) and runtimes.outputs_are_logits(logits_model)
     return twin
 
 
