@@ -451,6 +451,36 @@ def _matmul_plus_bias(x, kernel, bias):
     return ops.add(ops.matmul(x, ops.cast(kernel, x.dtype)), ops.cast(bias, x.dtype))
 
 
+def _check_even_split(layer, variables):
+    """A one-line error when the current `keras.distribution` would split one
+    of `layer`'s variables over a number of devices that does not divide the
+    split axis (JAX would fail on the first such variable with a long
+    sharding error). `variables`: {path under the layer: (what its split axis
+    counts, its shape)}."""
+    distribution = keras.distribution.distribution()
+    if distribution is None or not hasattr(distribution, "get_tensor_layout"):
+        return
+    for name, (what, shape) in variables.items():
+        try:
+            layout = distribution.get_tensor_layout(f"{layer.path}/{name}")
+        except NotImplementedError:
+            return
+        if layout is None or layout.device_mesh is None:
+            continue
+        mesh = layout.device_mesh
+        for size, axes in zip(shape, layout.axes):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            parts = math.prod(mesh.shape[mesh.axis_names.index(axis)] for axis in axes)
+            if size % parts:
+                error = ValueError(
+                    f"{layer.name}: {what} {size} does not split evenly over the {parts} devices of mesh axis "
+                    f"{' x '.join(axes)!r} ({name}, shape {shape}); use a mesh whose {' x '.join(axes)!r} "
+                    f"axis divides {size}."
+                )
+                error._keras_call_info_injected = True  # one line, not Keras's "Exception encountered when calling"
+                raise error
+
+
 @serializable
 class TransformerBlock(layers.Layer):
     """A pre-LayerNorm Transformer encoder block, as the official Flax model.
@@ -510,6 +540,10 @@ class TransformerBlock(layers.Layer):
             raise ValueError(
                 f"{self.name}: width {width} is not divisible by num_heads={self.num_heads}."
             )
+        _check_even_split(self, {
+            "attention/query/kernel": ("the head count", (width, self.num_heads, width // self.num_heads)),
+            "mlp_in/kernel": ("the MLP width", (width, self.mlp_dim)),
+        })  # fmt: skip
         policy = self.dtype_policy
         self.attention = layers.MultiHeadAttention(
             num_heads=self.num_heads,
@@ -560,15 +594,20 @@ class TransformerBlock(layers.Layer):
         dense = (self.attention.query_dense, self.attention.key_dense, self.attention.value_dense)
         kernels = [ops.reshape(d.kernel, (width, width)) for d in dense]
         biases = [ops.reshape(d.bias, (width,)) for d in dense]
-        kernel = ops.concatenate([kernels[0] * scale, *kernels[1:]], axis=1)
-        bias = ops.concatenate([biases[0] * scale, *biases[1:]], axis=0)
-        projected = _matmul_plus_bias(x, kernel, bias)
-        projected = ops.reshape(projected, (batch, -1, 3, heads, head))
+        kernel = ops.stack([kernels[0] * scale, *kernels[1:]], axis=1)  # (width, 3, width)
+        bias = ops.stack([biases[0] * scale, *biases[1:]], axis=0)  # (3, width)
         if keras.backend.backend() != "tensorflow":
+            # Query, key and value keep an axis of their own (a (width, 3 *
+            # width) kernel would mix them): under keras.distribution's model
+            # parallelism each device then projects and attends with its own
+            # heads only.
+            projected = ops.tensordot(x, ops.cast(kernel, x.dtype), axes=1) + ops.cast(bias, x.dtype)
             # The fused (flash) kernels of JAX and PyTorch take (batch, tokens, heads, head).
-            query, key, value = ops.unstack(projected, 3, axis=2)
+            query, key, value = ops.unstack(ops.reshape(projected, (batch, -1, 3, heads, head)), 3, axis=2)
             attended = ops.dot_product_attention(query, key, value, scale=1.0)
             return ops.reshape(attended, (-1, width))
+        projected = _matmul_plus_bias(x, ops.reshape(kernel, (width, 3 * width)), ops.reshape(bias, (3 * width,)))
+        projected = ops.reshape(projected, (batch, -1, 3, heads, head))
         # TensorFlow has no fused attention and its einsum would transpose each
         # of query, key, value and the result: move the heads forward once.
         # unstack, not slices: a slice's gradient is a full-size scatter (it
