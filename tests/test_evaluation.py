@@ -100,25 +100,42 @@ def test_features_of_a_model_without_head_or_pooling_are_its_class_token():
     np.testing.assert_array_equal(labels, np.arange(5))  # one-hot labels become class ids
 
 
-def test_few_shot_on_digits_is_the_solver_on_the_features():
+def big_vision_few_shot(train_x, train_y, test_x, test_y, num_classes):
+    """{seed: {k: accuracy}} by big_vision's few-shot protocol, written out
+    here: configs/common_fewshot.py's defaults (shots 1, 5, 10, 25; seeds 0,
+    1, 2; l2 = 2**10) and evaluators/fewshot_lsr.py's draw (each class's
+    indices permuted once by default_rng(seed), the first k taken) and
+    ridge regression (`direct_ridge_predictions`)."""
+    results = {}
+    for seed in (0, 1, 2):
+        rng = np.random.default_rng(seed)
+        per_class = [rng.permutation(np.where(train_y == c)[0]) for c in range(num_classes)]
+        results[seed] = {}
+        for k in (1, 5, 10, 25):
+            chosen = np.concatenate([indices[:k] for indices in per_class])
+            _, predictions = direct_ridge_predictions(train_x[chosen], train_y[chosen], test_x, num_classes, 2.0**10)
+            results[seed][k] = float(np.mean(predictions == test_y))
+    return results
+
+
+def test_few_shot_defaults_are_big_visions_protocol_on_digits():
     keras.utils.set_random_seed(0)
     model = harness.tiny_vit(input_shape=(16, 16, 3), patch_size=4, classes=10)
-    results = evaluation.few_shot(model, ["digits"], shots=(1, 5), seeds=(0, 1), verbose=0)
+    results = evaluation.few_shot(model, ["digits"], verbose=0)  # every protocol setting at its default
     result = results["digits"]
     assert (result["num_classes"], result["train_examples"], result["test_examples"]) == (10, 1437, 360)
-    # recompute seed 1, 5 shots from the features, by hand
+    # The same features, through big_vision's protocol written out in numpy.
     train, test = (data.source("digits", split) for split in ("train", "eval"))
     embed = lambda s: evaluation.features(  # noqa: E731
         model, data.eval_dataset(s, 16, 64, crop_fraction=evaluation.fewshot.CROP_FRACTION, keep_aspect=False),
         verbose=0)
     (train_x, train_y), (test_x, test_y) = embed(train), embed(test)
-    chosen = evaluation.sample_shots(train_y, (5,), seed=1)[5]
-    expected = evaluation.linear_few_shot(train_x[chosen], train_y[chosen], test_x, test_y, 10)
-    assert result["per_seed"][1][5] == expected
-    assert result["mean"][5] == pytest.approx(np.mean([result["per_seed"][s][5] for s in (0, 1)]))
+    assert result["per_seed"] == big_vision_few_shot(train_x, train_y, test_x, test_y, 10)
+    for k in (1, 5, 10, 25):
+        assert result["mean"][k] == pytest.approx(np.mean([result["per_seed"][s][k] for s in (0, 1, 2)]))
     assert result["mean"][5] > 0.2  # a random ViT's features still beat chance (0.1) on digits
     table = evaluation.format_results(results)
-    assert "digits" in table and "5-shot" in table
+    assert "digits" in table and "25-shot" in table
 
 
 def test_few_shot_reads_big_vision_splits_of_a_tfds_dataset(tmp_path):
