@@ -248,6 +248,7 @@ def test_native_resolution_export_served_in_a_fresh_process(tmp_path):
 
 
 def test_native_resolution_rounds_to_whole_patches_and_default_export_refuses(tmp_path):
+    """serve_pixels and serving_default resize what is not whole patches to the nearest whole patches."""
     if keras.backend.backend() != "tensorflow":
         pytest.skip("TF Serving export is TensorFlow")
     import tensorflow as tf
@@ -259,10 +260,25 @@ def test_native_resolution_rounds_to_whole_patches_and_default_export_refuses(tm
     with pytest.raises(ValueError, match=r"input_shape=\(None, None, 3\)"):
         keras_vit.export_for_serving(vit16((64, 64, 3)), str(tmp_path / "fixed"), any_size=True)
     served = tf.saved_model.load(keras_vit.export_for_serving(model, str(tmp_path / "any"), any_size=True))
-    pixels = np.random.default_rng(1).integers(0, 256, (1, 57, 90, 3)).astype("uint8")  # -> 64x96
+
+    def at_nearest_whole_patches(pixels):
+        """The model's probabilities for `pixels` (H, W, 3) resized (bilinear) to
+        the nearest multiples of 16 (at least 16), found here by search."""
+        size = [min(range(16, 4 * side + 16, 16), key=lambda s: abs(s - side)) for side in pixels.shape[:2]]
+        resized = tf.image.resize(pixels[None].astype("float32"), size, method="bilinear").numpy()
+        return model.predict(resized, verbose=0)[0]
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (1, 57, 90, 3)).astype("uint8")  # -> 64x96
     got = served.signatures["serve_pixels"](images=tf.constant(pixels))["probabilities"].numpy()
-    resized = tf.image.resize(pixels.astype("float32"), (64, 96), method="bilinear").numpy()
-    np.testing.assert_allclose(got, model.predict(resized, verbose=0), atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(got[0], at_nearest_whole_patches(pixels[0]), atol=TOLERANCE, rtol=0)
+    # serving_default: encoded files, each at its own size, none of them whole patches:
+    # 57x90 -> 64x96 (up), 70x41 -> 64x48 (down), 7x9 -> 16x16 (at least one patch).
+    files = [rng.integers(0, 256, shape + (3,)).astype("uint8") for shape in [(57, 90), (70, 41), (7, 9)]]
+    encoded = [tf.io.encode_png(image).numpy() for image in files]
+    got = served.signatures["serving_default"](images=tf.constant(encoded))["probabilities"].numpy()
+    np.testing.assert_allclose(got, np.stack([at_nearest_whole_patches(image) for image in files]),
+                               atol=TOLERANCE, rtol=0)
 
 
 def test_cli_export_any_size(tmp_path, capsys):

@@ -100,25 +100,42 @@ def test_features_of_a_model_without_head_or_pooling_are_its_class_token():
     np.testing.assert_array_equal(labels, np.arange(5))  # one-hot labels become class ids
 
 
-def test_few_shot_on_digits_is_the_solver_on_the_features():
+def big_vision_few_shot(train_x, train_y, test_x, test_y, num_classes):
+    """{seed: {k: accuracy}} by big_vision's few-shot protocol, written out
+    here: configs/common_fewshot.py's defaults (shots 1, 5, 10, 25; seeds 0,
+    1, 2; l2 = 2**10) and evaluators/fewshot_lsr.py's draw (each class's
+    indices permuted once by default_rng(seed), the first k taken) and
+    ridge regression (`direct_ridge_predictions`)."""
+    results = {}
+    for seed in (0, 1, 2):
+        rng = np.random.default_rng(seed)
+        per_class = [rng.permutation(np.where(train_y == c)[0]) for c in range(num_classes)]
+        results[seed] = {}
+        for k in (1, 5, 10, 25):
+            chosen = np.concatenate([indices[:k] for indices in per_class])
+            _, predictions = direct_ridge_predictions(train_x[chosen], train_y[chosen], test_x, num_classes, 2.0**10)
+            results[seed][k] = float(np.mean(predictions == test_y))
+    return results
+
+
+def test_few_shot_defaults_are_big_visions_protocol_on_digits():
     keras.utils.set_random_seed(0)
     model = harness.tiny_vit(input_shape=(16, 16, 3), patch_size=4, classes=10)
-    results = evaluation.few_shot(model, ["digits"], shots=(1, 5), seeds=(0, 1), verbose=0)
+    results = evaluation.few_shot(model, ["digits"], verbose=0)  # every protocol setting at its default
     result = results["digits"]
     assert (result["num_classes"], result["train_examples"], result["test_examples"]) == (10, 1437, 360)
-    # recompute seed 1, 5 shots from the features, by hand
+    # The same features, through big_vision's protocol written out in numpy.
     train, test = (data.source("digits", split) for split in ("train", "eval"))
     embed = lambda s: evaluation.features(  # noqa: E731
         model, data.eval_dataset(s, 16, 64, crop_fraction=evaluation.fewshot.CROP_FRACTION, keep_aspect=False),
         verbose=0)
     (train_x, train_y), (test_x, test_y) = embed(train), embed(test)
-    chosen = evaluation.sample_shots(train_y, (5,), seed=1)[5]
-    expected = evaluation.linear_few_shot(train_x[chosen], train_y[chosen], test_x, test_y, 10)
-    assert result["per_seed"][1][5] == expected
-    assert result["mean"][5] == pytest.approx(np.mean([result["per_seed"][s][5] for s in (0, 1)]))
+    assert result["per_seed"] == big_vision_few_shot(train_x, train_y, test_x, test_y, 10)
+    for k in (1, 5, 10, 25):
+        assert result["mean"][k] == pytest.approx(np.mean([result["per_seed"][s][k] for s in (0, 1, 2)]))
     assert result["mean"][5] > 0.2  # a random ViT's features still beat chance (0.1) on digits
     table = evaluation.format_results(results)
-    assert "digits" in table and "5-shot" in table
+    assert "digits" in table and "25-shot" in table
 
 
 def test_few_shot_reads_big_vision_splits_of_a_tfds_dataset(tmp_path):
@@ -225,20 +242,81 @@ def test_subsets_are_nested_and_independent_of_the_training_seed():
         data.subset(source, 5000)
 
 
+# Runs examples/scaling.py (argv[2:]) with the images each run's trainer is
+# fed recorded by index: every training digit keeps its red channel and
+# carries its index in green (index % 256) and blue (index // 256), flat
+# planes that crops and resizes keep flat (`data.subset` picks from these
+# coded digits), and `training.train` feeds each run the batches it would
+# have read, decoding them first. Written to argv[1] as {run dir: indices};
+# an image whose code planes are not flat (not a coded digit) counts as -1.
+COUNTING_SCALING_RUN = """
+import dataclasses, json, runpy, sys
+import numpy as np
+import tensorflow as tf
+from keras_vit import data, training
+
+subset, train = data.subset, training.train
+seen = {}
+
+def coded_subset(source, num_examples):
+    images, labels = source.examples
+    index = np.arange(len(labels))
+    coded = images.copy()
+    coded[..., 1] = (index % 256)[:, None, None]
+    coded[..., 2] = (index // 256)[:, None, None]
+    return subset(dataclasses.replace(source, examples=(coded, labels)), num_examples)
+
+def indices(images):
+    planes = images[..., 1:].reshape(len(images), -1, 2)
+    flat = np.ptp(planes, axis=1).max(axis=1) < 0.01
+    codes = np.round(planes[:, 0, 0]) + 256 * np.round(planes[:, 0, 1])
+    return np.where(flat, codes, -1).astype(int).tolist()
+
+def counting_train(trainer, train_data, total_steps, model_dir, **kwargs):
+    def fed(step):
+        batches = list(train_data(step).take(total_steps - step).as_numpy_iterator())
+        seen.setdefault(model_dir, []).extend(i for x, _ in batches for i in indices(x))
+        return tf.data.Dataset.from_tensor_slices(tuple(np.stack(part) for part in zip(*batches)))
+    return train(trainer, fed, total_steps, model_dir, **kwargs)
+
+data.subset, training.train = coded_subset, counting_train
+out, sys.argv = sys.argv[1], sys.argv[2:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open(out, "w") as f:
+        json.dump(seen, f)
+"""
+
+
 def test_scaling_example_end_to_end_on_a_tiny_budget(tmp_path):
+    """Each row's model is trained on exactly the subset the row names:
+    the images its trainer is fed are those N, each seen."""
     import csv
+    import dataclasses
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    argv = [sys.executable, os.path.join(root, "examples", "scaling.py"), "--models", "micro",
-            "--train_examples", "40,80", "--seeds", "0", "--steps", "4", "--batch_size", "16", "--shots", "1,2",
+    argv = [os.path.join(root, "examples", "scaling.py"), "--models", "micro",
+            "--train_examples", "40,80", "--seeds", "0", "--steps", "5", "--batch_size", "16", "--shots", "1,2",
             "--output_dir", str(tmp_path)]
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    driver = tmp_path / "counting_scaling_run.py"
+    driver.write_text(COUNTING_SCALING_RUN)
+    done = subprocess.run([sys.executable, str(driver), str(tmp_path / "seen.json"), *argv], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
     assert [(r["model"], r["train_examples"], r["shots"]) for r in rows] == [
         ("micro", "40", "1"), ("micro", "40", "2"), ("micro", "80", "1"), ("micro", "80", "2")]
+    # 5 steps of 16: every example of each subset is fed at least once.
+    seen = json.load(open(tmp_path / "seen.json"))
+    source = data.source("digits", "train")
+    by_index = dataclasses.replace(source, examples=(np.arange(source.num_examples), source.examples[1]))
+    for n in (40, 80):
+        fed = seen[str(tmp_path / "micro" / str(n) / "seed-0")]
+        assert len(fed) == 5 * 16
+        assert set(fed) == set(data.subset(by_index, n).examples[0].tolist()), n
     with open(tmp_path / "scaling.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # Each row is the few-shot accuracy of the model its run saved.
@@ -246,7 +324,8 @@ def test_scaling_example_end_to_end_on_a_tiny_budget(tmp_path):
     expected = evaluation.few_shot(model, ["digits"], shots=(1, 2), verbose=0)["digits"]["mean"][2]
     assert float(rows[3]["accuracy"]) == pytest.approx(expected, abs=1e-5)
     results = json.load(open(tmp_path / "micro" / "80" / "seed-0" / "results.json"))
-    assert results["steps"] == 4
+    assert results["steps"] == 5
     # Misuse: one line, exit 2
-    bad = subprocess.run(argv[:2] + ["--models", "huge"], capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    bad = subprocess.run([sys.executable, argv[0], "--models", "huge"], capture_output=True, text=True, timeout=120,
+                         env=env, cwd=root)
     assert bad.returncode == 2 and "--models: unknown huge" in bad.stderr.strip().splitlines()[-1]

@@ -163,6 +163,132 @@ def test_drop_path_in_the_fast_path_drops_whole_images():
     assert not np.allclose(out[~both_dropped], kept[~both_dropped])  # the kept branches are rescaled
 
 
+# --- dropout in training: the block against Keras's MultiHeadAttention -------
+
+
+def _keras_block_in_training(block, x):
+    """The official Flax block in training mode, composed here from Keras's
+    own layers, the block's weights and its Dropout: MultiHeadAttention
+    called as Keras calls it (its attention dropout on the probabilities),
+        x = x + Dropout(Attention(LN(x)))
+        x = x + Dropout(Dense(Dropout(GELU(Dense(LN(x))))))
+    drawing the masks in that order."""
+    x = keras.ops.convert_to_tensor(x)
+    h = block.norm1(x)
+    x = x + block.dropout(block.attention(h, h, training=True), training=True)
+    y = keras.activations.gelu(block.mlp_in(block.norm2(x)), approximate=True)
+    y = block.mlp_out(block.dropout(y, training=True))
+    return x + block.dropout(y, training=True)
+
+
+def _replayable(block):
+    """A function that puts back every random state `block` draws its dropout
+    masks from: its layers' seed generators, and the global seed (on PyTorch
+    an unseeded Keras Dropout draws from torch's global generator)."""
+    generators = [g for layer in block._flatten_layers() for g in getattr(layer, "_seed_generators", ())]
+    states = [keras.ops.convert_to_numpy(g.state).copy() for g in generators]
+
+    def replay():
+        for generator, state in zip(generators, states):
+            generator.state.assign(state)
+        keras.utils.set_random_seed(1)
+
+    return replay
+
+
+@pytest.mark.parametrize(
+    "dropout_rate, attention_dropout_rate", [(0.3, 0.0), (0.0, 0.3), (0.3, 0.2)], ids=["hidden", "attention", "both"]
+)
+def test_dropout_in_training_draws_the_masks_of_keras_multi_head_attention(dropout_rate, attention_dropout_rate):
+    """With the same random state, a training call gives what Keras's own
+    layers give: hidden dropout at the same three places, attention dropout
+    on the probabilities (the masks of a dropout left out or moved would
+    land on other units). The fast path can match to round-off because a
+    Dropout's mask depends only on the number and order of its units, and
+    its (batch * tokens, width) rows are the same units in the same order
+    (true on all three backends)."""
+    block = _random_block(dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate)
+    x = np.random.default_rng(8).normal(size=(3, 5, 8)).astype("float32")
+    replay = _replayable(block)
+    replay()
+    ours = keras.ops.convert_to_numpy(block(x, training=True))
+    replay()
+    keras_layers = keras.ops.convert_to_numpy(_keras_block_in_training(block, x))
+    np.testing.assert_allclose(ours, keras_layers, atol=1e-5)
+    assert np.abs(ours - keras.ops.convert_to_numpy(block(x))).max() > 0.1  # the rates did drop units
+
+
+def test_training_without_dropout_equals_inference():
+    block = _random_block()
+    x = np.random.default_rng(9).normal(size=(3, 5, 8)).astype("float32")
+    training, inference = (keras.ops.convert_to_numpy(block(x, training=flag)) for flag in (True, False))
+    np.testing.assert_array_equal(training, inference)
+
+
+def _probe_block(num_heads=2, **kwargs):
+    """A block with zero weights and unit LayerNorms: each check sets the
+    few weights that route one dropout's mask to the block's output."""
+    block = vit_layers.TransformerBlock(num_heads=num_heads, mlp_dim=12, **kwargs)
+    block.build((None, 5, 8))
+    for w in block.weights:
+        w.assign(np.ones(w.shape, "float32") if w.path.endswith("gamma") else np.zeros(w.shape, "float32"))
+    return block
+
+
+def _assert_binomial(dropped, rate):
+    """The count of dropped units is Binomial(n, rate): within 5 standard deviations."""
+    n = dropped.size
+    assert abs(dropped.sum() - n * rate) < 5 * np.sqrt(n * rate * (1 - rate)), (dropped.mean(), rate)
+
+
+RATE = 0.4
+
+
+@pytest.mark.parametrize("where", ["attention_output", "mlp_output", "mlp_hidden"])
+def test_hidden_dropout_drops_its_rate_and_scales_the_rest(where):
+    """Each of the three hidden dropouts alone reaches the output: its units
+    are dropped at the rate (binomial bounds) and the others scaled by 1/(1 - rate)."""
+    block = _probe_block(dropout_rate=RATE)
+    x = np.random.default_rng(10).normal(size=(32, 5, 8)).astype("float32")
+    keep = 1 - RATE
+    if where == "attention_output":  # Dropout(attention): a branch of ones
+        block.attention.output_dense.bias.assign(np.ones(8, "float32"))
+        survivors, drop_rate = 1 / keep, RATE
+    elif where == "mlp_output":  # the MLP's last Dropout: a branch of ones
+        block.mlp_out.bias.assign(np.ones(8, "float32"))
+        survivors, drop_rate = 1 / keep, RATE
+    else:  # the Dropout between the MLP's Dense layers: hidden unit j -> output j, then the last Dropout
+        block.mlp_in.bias.assign(np.ones(12, "float32"))
+        block.mlp_out.kernel.assign(np.eye(12, 8, dtype="float32"))
+        gelu_one = 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (1 + 0.044715)))  # tanh GELU of 1
+        survivors, drop_rate = gelu_one / keep**2, 1 - keep**2
+    branch = keras.ops.convert_to_numpy(block(x, training=True)) - x
+    dropped = np.abs(branch) < 1e-6
+    np.testing.assert_allclose(branch[~dropped], survivors, rtol=1e-5)
+    _assert_binomial(dropped, drop_rate)
+
+
+def test_attention_dropout_drops_attention_probabilities_at_its_rate():
+    """Attention dropout acts on the attention probabilities: with uniform
+    attention over 5 tokens whose values are independent vectors, the output
+    of each query token is sum_s c_s value_s, and every c_s is either 0
+    (dropped, at the rate) or 1 / (5 (1 - rate))."""
+    block = _probe_block(num_heads=1, attention_dropout_rate=RATE)
+    eye = np.eye(8, dtype="float32")
+    block.attention.value_dense.kernel.assign(eye[:, None, :])
+    block.attention.output_dense.kernel.assign(eye[None])
+    x = np.tile(np.eye(5, 8, dtype="float32"), (32, 1, 1))  # token t: the unit vector e_t
+    values = (np.eye(5, 8) - 1 / 8) / np.sqrt(7 / 64)  # LayerNorm(e_t), independent rows
+    attended = keras.ops.convert_to_numpy(block(x, training=True)) - x
+    coefficients = attended @ np.linalg.pinv(values)  # (batch, query, source)
+    np.testing.assert_allclose(attended, coefficients @ values, atol=1e-5)  # a mix of the values
+    dropped = np.abs(coefficients) < 1e-4
+    np.testing.assert_allclose(coefficients[~dropped], 1 / (5 * (1 - RATE)), rtol=1e-4)
+    _assert_binomial(dropped, RATE)
+    inference = keras.ops.convert_to_numpy(block(x)) - x
+    np.testing.assert_allclose(inference @ np.linalg.pinv(values), 0.2, atol=1e-5)  # uniform attention
+
+
 def test_a_quantized_block_computes_with_its_int8_kernels_and_scales():
     block = _random_block()
     x = np.random.default_rng(6).normal(size=(2, 5, 8)).astype("float32")

@@ -270,11 +270,30 @@ def test_trainer_under_mixed_float16_scales_the_loss():
     assert not all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
-def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+def _classifier_trainer():
+    model = tiny_vit(input_shape=(16, 16, 3), classes=10, dropout_rate=0.1)
+    recipe = training.finetune_recipe(total_steps=7, warmup_steps=2, learning_rate=0.1)
+    return training.Trainer(model), recipe
+
+
+def _masked_patch_trainer():
+    """A tiny encoder inside MaskedPatchPrediction: the trainer also holds the
+    mask token, the prediction head and the corruption's seed generator."""
+    from keras_vit.pretraining import MaskedPatchPrediction
+
+    encoder = tiny_vit(input_shape=(16, 16, 3), patch_size=4, include_top=False, dropout_rate=0.1)
+    recipe = training.masked_patch_recipe(total_steps=7, warmup_steps=2, learning_rate=3e-3, batch_size=16)
+    return training.Trainer(MaskedPatchPrediction(encoder, seed=0)), recipe
+
+
+@pytest.mark.parametrize("build", [_classifier_trainer, _masked_patch_trainer], ids=["classifier", "masked_patch"])
+def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, build):
     """7 steps in one go, or 4 steps then a fresh trainer restored from the
     checkpoint (as a killed process would be) for the other 3: the same
     weights, to 1e-6. Dropout, RandAugment and MixUp are on: the data stream
-    is positioned by step and the layers' random state is in the checkpoint."""
+    is positioned by step and the layers' random state is in the checkpoint.
+    A wrapped model (masked patch prediction) resumes its own weights and
+    random state too: the mask token, the head, the corruption draws."""
     from keras_vit import data
 
     source = data.source("digits", "train")
@@ -284,9 +303,7 @@ def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_run(tmp_path
 
     def trainer():
         keras.utils.set_random_seed(0)
-        model = tiny_vit(input_shape=(16, 16, 3), classes=10, dropout_rate=0.1)
-        trainer = training.Trainer(model)
-        recipe = training.finetune_recipe(total_steps=7, warmup_steps=2, learning_rate=0.1)
+        trainer, recipe = build()
         trainer.compile(optimizer=recipe.optimizer, loss=recipe.loss)
         return trainer
 
@@ -297,7 +314,9 @@ def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_run(tmp_path
     resumed = trainer()
     results = training.train(resumed, train_data, 7, str(tmp_path / "resumed"), save_every=3, verbose=0)
     assert (results["start_step"], results["steps"]) == (4, 7)
-    for a, b in zip(resumed.model.get_weights(), uninterrupted.model.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert len(resumed.model.weights) == len(uninterrupted.model.weights)
+    for a, b in zip(resumed.model.weights, uninterrupted.model.weights):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), rtol=0, atol=1e-6,
+                                   err_msg=a.path)
     # Not vacuous: the last 3 steps moved the weights.
     assert not all(np.allclose(a, b, atol=1e-4) for a, b in zip(stopped.model.get_weights(), resumed.model.get_weights()))
