@@ -36,13 +36,13 @@ def _run_list(args):
 
 def constructors_table(markdown=False):
     """The constructors as a table: configuration, parameters and GMACs at 224 px."""
-    from keras_vit import models, sizes
+    from keras_vit import sizes, variants  # no Keras: `keras-vit list` starts at once
     from keras_vit.tables import format_table
 
     rows = [("constructor", "ResNet stages", "width", "depth", "heads", "MLP", "patch",
              "params (1000 classes)", "GMACs @224")]
-    for name, constructor in models.CONSTRUCTORS.items():
-        config = constructor.config
+    for name, variant in variants.CONSTRUCTOR_VARIANTS.items():
+        config = variants.variant_config(variant)
         rows.append((
             name,
             str(config["block_sizes"]) if "block_sizes" in config else "-",

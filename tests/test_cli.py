@@ -192,6 +192,41 @@ def test_predict_softmaxes_a_model_returning_logits(batch):
         assert abs(sum(scores) - 1.0) <= 5e-4 and min(scores) >= 0.0
 
 
+LIGHT_START = textwrap.dedent(
+    """
+    import contextlib, io, sys
+    from keras_vit import cli
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        cli.build_parser()
+        assert cli.main(["list"]) == 0
+    assert "ViT_B16" in out.getvalue() and "in21k" in out.getvalue()
+    heavy = sorted(name for name in ("keras", "tensorflow", "jax", "torch") if name in sys.modules)
+    assert not heavy, heavy
+    # Keras imported after keras_vit: the layers register with it all the same.
+    import keras
+    model = keras.saving.load_model(sys.argv[1])
+    print("loaded", type(model.get_layer("patch_embed")).__module__)
+    """
+)
+
+
+def test_help_and_list_start_without_tensorflow(files, tmp_path):
+    """`keras-vit --help` and `keras-vit list` import neither Keras nor
+    TensorFlow (so they print nothing on stderr and start at once), and
+    `import keras_vit` still registers the layers for keras.saving.load_model."""
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    for argv in (["--help"], ["list"], ["predict", "--help"]):
+        completed = subprocess.run([sys.executable, "-m", "keras_vit", *argv], capture_output=True, text=True,
+                                   timeout=60, cwd=ROOT, env=env)
+        assert completed.returncode == 0 and completed.stdout, completed.stderr
+        assert completed.stderr == "", completed.stderr
+    completed = subprocess.run([sys.executable, "-c", LIGHT_START, files["tiny"]], capture_output=True, text=True,
+                               timeout=300, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "loaded keras_vit.layers"
+
+
 def test_console_script_and_module_entry_points(tmp_path):
     for command in ([CONSOLE_SCRIPT], [sys.executable, "-m", "keras_vit", "predict", str(tmp_path / "gone.png")]):
         completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
