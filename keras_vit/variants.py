@@ -90,15 +90,14 @@ class Architecture:
         return cls(config["hidden_size"], config["depth"], config["num_heads"], config["mlp_dim"],
                    (config["patch_size"],) * 2, config.get("block_sizes"))
 
-    def differences(self, other):
-        """["width 768 in the file vs 192 in the model", ...]: `self` is the file's, `other` the model's."""
-        names = {"width": "width", "depth": "depth (blocks)", "heads": "heads", "mlp": "MLP",
+    def differences(self, other, mine="the file", theirs="the model"):
+        """["width 768 in the file vs 192 in the model", ...]: `self` is `mine`'s, `other` is `theirs`'."""
+        names = {"width": "width", "depth": "depth", "heads": "heads", "mlp": "MLP",
                  "patch": "patch", "resnet": "ResNet units per stage"}
         found = []
         for field, name in names.items():
-            mine, theirs = (self._shown(field), other._shown(field))
-            if mine != theirs:
-                found.append(f"{name} {mine} in the file vs {theirs} in the model")
+            if self._shown(field) != other._shown(field):
+                found.append(f"{name} {self._shown(field)} in {mine} vs {other._shown(field)} in {theirs}")
         return found
 
     def _shown(self, field):
