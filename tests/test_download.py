@@ -350,6 +350,39 @@ def test_an_accepted_hash_sticks(server, monkeypatch):
     assert download.fetch(TINY_FILE, sha256=old, progress=False) == path
 
 
+def test_the_command_line_accepts_a_changed_file_once(tmp_path, monkeypatch, capsys):
+    """The report's steps: the registry's hash no longer matches the served
+    file; `convert TAG ... --sha256 H` accepts it; then `predict --weights TAG`
+    (no --sha256) uses the cached file, also from a read-only cache."""
+    from keras_vit import cli
+
+    entry = registry.find_checkpoint("augreg_in21k+in1k", "ViT_Ti16")
+    assert entry.sha256 is not None  # a registry hash, which the generated file cannot have
+    root = tmp_path / "bucket"
+    (root / entry.file).parent.mkdir(parents=True)
+    write_checkpoint(root / entry.file, official_arrays(**keras_vit.VARIANTS["Ti/16"], image_size=entry.resolution,
+                                                        classes=entry.classes))
+    new = download.sha256_of(root / entry.file)
+    server = CheckpointServer(str(root))
+    monkeypatch.setenv(download.BASE_URL_ENV, server.url)
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    image = os.path.join(os.path.dirname(__file__), "..", "examples", "images", "cat.jpg")
+    predict = ["predict", image, "--model", "ViT_Ti16", "--weights", entry.tag, "--top", "1"]
+    try:
+        assert cli.main(predict) == 2
+        assert f"expected {entry.sha256}" in capsys.readouterr().err
+        assert cli.main(["convert", entry.tag, str(tmp_path / "ti16.keras"), "--model", "ViT_Ti16",
+                         "--sha256", new]) == 0
+        assert cli.main(predict) == 0
+        with read_only(download.cache_dir(), monkeypatch) as attempts:
+            assert cli.main(predict) == 0
+        assert attempts == []
+    finally:
+        server.stop()
+    assert server.requests == [entry.file, entry.file]  # the refused download, the accepted one
+    assert "1. " in capsys.readouterr().out
+
+
 def test_cache_files_get_the_umask_permissions(server):
     previous = os.umask(0o022)
     try:
