@@ -22,6 +22,7 @@ One module per concept:
     evaluation   the paper's protocols: few-shot linear accuracy, VTAB-1k
     pretraining  self-supervised masked patch prediction (§4.6): `MaskedPatchPrediction`, its targets
     serving      `export_for_serving`: a TF Serving SavedModel
+    images       the one decoder of image files (`keras-vit predict` and serving_default)
     visualize    attention rollout maps and the paper's attention-distance figure
     demo         the offline digits demo (`keras-vit demo`)
     cli          the `keras-vit` command line
@@ -60,7 +61,7 @@ _LAZY = {
     "feature_extractor": "keras_vit.views",
 }
 _SUBMODULES = (
-    "cli", "data", "demo", "download", "errors", "evaluation", "hybrid", "labels", "layers", "models",
+    "cli", "data", "demo", "download", "errors", "evaluation", "hybrid", "images", "labels", "layers", "models",
     "npz", "pretrained", "pretraining", "registry", "serving", "sizes", "tables", "testing", "training",
     "variants", "views", "visualize",
 )
