@@ -42,7 +42,7 @@ import sys
 
 __version__ = "0.1.0"
 
-# name -> the module that defines it (a module's own name: the module itself).
+# name -> the module that defines it.
 _LAZY = {
     **{name: "keras_vit.models" for name in (
         "CONSTRUCTORS", "R26_ViT_S32", "R50_ViT_B16", "R50_ViT_L32", "R_ViT_Ti16", "ViT", "ViT_B8", "ViT_B16",
@@ -83,7 +83,7 @@ def __getattr__(name):
 
 
 def __dir__():
-    return __all__
+    return sorted({*globals(), *__all__})
 
 
 class _RegisterWithKeras:
