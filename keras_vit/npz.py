@@ -461,6 +461,7 @@ def _mismatch_message(model, path, missing, mismatched, unused, unmapped):
         hints.append("for another class count build the model with classes=N (keras-vit convert: --classes N); "
                      "load_npz(..., new_head=True) replaces a built model's head")
     if "pre_logits/" in text:
-        hints.append("keep_pre_logits=False (keras-vit convert: --drop-pre-logits) drops the pre_logits layer")
+        hints.append("keep_pre_logits=False when building, or load_npz(..., drop_pre_logits=True), drops the "
+                     "pre_logits layer (keras-vit convert: --drop-pre-logits)")
     hint = "; ".join(hints) or "build the architecture the checkpoint was trained with"
     return f"Checkpoint {path} does not fit model {model.name!r}: " + " | ".join(parts) + f". Hint: {hint}."
