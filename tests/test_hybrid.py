@@ -16,7 +16,6 @@ import math
 import re
 
 import keras
-
 import numpy as np
 import pytest
 
