@@ -473,6 +473,6 @@ def test_cli_convert_does_not_replace_an_output_unless_told(ti16_ckpt, tmp_path,
         assert cli.main(["convert", ti16_ckpt, str(out), "--model", "ViT_Ti16"]) == 2
         assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
         assert out.read_bytes() == b"an earlier model"
-        assert cli.main(["convert", ti16_ckpt, str(out), "--model", "ViT_Ti16", "--overwrite"]) == 0
+    assert cli.main(["convert", ti16_ckpt, str(tmp_path / "model.keras"), "--model", "ViT_Ti16", "--overwrite"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["model.keras", "model.weights.h5"]
     keras.saving.load_model(str(tmp_path / "model.keras"), safe_mode=True)
