@@ -36,13 +36,13 @@ def _run_list(args):
 
 def constructors_table(markdown=False):
     """The constructors as a table: configuration, parameters and GMACs at 224 px."""
-    from keras_vit import models, sizes
+    from keras_vit import sizes, variants  # no Keras: `keras-vit list` starts at once
     from keras_vit.tables import format_table
 
     rows = [("constructor", "ResNet stages", "width", "depth", "heads", "MLP", "patch",
              "params (1000 classes)", "GMACs @224")]
-    for name, constructor in models.CONSTRUCTORS.items():
-        config = constructor.config
+    for name, variant in variants.CONSTRUCTOR_VARIANTS.items():
+        config = variants.variant_config(variant)
         rows.append((
             name,
             str(config["block_sizes"]) if "block_sizes" in config else "-",
@@ -62,6 +62,8 @@ def constructors_table(markdown=False):
 # ---------------------------------------------------------------------------
 
 CONVERT_SUFFIXES = (".keras", ".weights.h5")
+SHA256_HELP = ("SHA-256 the checkpoint file must have; accepts a file that changed upstream "
+               "(later runs use the cached file without it)")
 
 
 def _add_convert(subparsers):
@@ -84,7 +86,8 @@ def _add_convert(subparsers):
                             help="keep the checkpoint's pre_logits layer (default: kept unless the head is new)")
     pre_logits.add_argument("--drop-pre-logits", dest="keep_pre_logits", action="store_const", const=False,
                             help="drop the checkpoint's pre_logits layer")
-    parser.add_argument("--sha256", default=None, help="SHA-256 the checkpoint file must have")
+    parser.add_argument("--sha256", default=None, help=SHA256_HELP)
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
 
 def _run_convert(args):
@@ -98,6 +101,8 @@ def _run_convert(args):
     if args.image_size:
         height, width = (args.image_size * 2)[:2]
         input_shape = (height, width, 3)
+    if os.path.exists(args.output) and not args.overwrite:
+        raise UsageError(f"{args.output} already exists; pass --overwrite to replace it.")
     constructor = models.get_constructor(args.model)
     model = constructor(
         weights=args.checkpoint,
@@ -107,14 +112,25 @@ def _run_convert(args):
         keep_pre_logits=args.keep_pre_logits,
         expected_sha256=args.sha256,
     )
-    folder = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(folder, exist_ok=True)
-    if args.output.endswith(".keras"):
-        model.save(args.output)
-    else:
-        model.save_weights(args.output)
+    _save_atomically(model, args.output)
     print(f"{args.model} ({model.count_params():,} parameters, input {model.input_shape[1:]}, "
           f"output {model.output_shape[1:]}) -> {args.output}")
+
+
+def _save_atomically(model, output):
+    """model.save (.keras) or save_weights (.weights.h5) to a temporary file
+    beside `output`, moved into place once complete: a failed or interrupted
+    save never leaves a half-written OUTPUT, nor damages the one it replaces."""
+    folder, name = os.path.split(os.path.abspath(output))
+    os.makedirs(folder, exist_ok=True)
+    suffix = next(suffix for suffix in CONVERT_SUFFIXES if name.endswith(suffix))  # Keras checks the suffix
+    partial = os.path.join(folder, f".{name}.{os.getpid()}.partial{suffix}")
+    try:
+        (model.save if suffix == ".keras" else model.save_weights)(partial)
+        os.replace(partial, output)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 # ---------------------------------------------------------------------------
@@ -145,15 +161,18 @@ def _add_model_arguments(parser, model_flag=True):
                         ".npz or a .weights.h5 file; default: random weights")
     parser.add_argument("--labels", default=None,
                         help="class names: imagenet1k, imagenet21k or a text file with one per line "
-                        "(default: the checkpoint's, else by the number of classes)")
+                        "(default: the checkpoint's, a .keras model's NAME.labels.txt beside it, else by the "
+                        "number of classes)")
+    parser.add_argument("--sha256", default=None, help=SHA256_HELP)
 
 
 def _add_predict(subparsers):
     parser = subparsers.add_parser(
         "predict",
         help="classify images and print the top classes",
-        description="Classifies each IMAGE (JPEG, PNG, ...): it is resized to the model's input size "
-        "(bilinear, as the official evaluation) and fed as [0, 255] pixels.",
+        description="Classifies each IMAGE (JPEG, PNG, GIF or BMP, decoded as the export's serving_default "
+        "decodes them): it is resized to the model's input size (bilinear, as the official evaluation) and fed "
+        "as [0, 255] pixels.",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     _add_model_arguments(parser)
@@ -164,22 +183,6 @@ def _add_predict(subparsers):
                         "with bf16 units)")
     parser.add_argument("--explain", metavar="OUT.png", default=None,
                         help="also write each image's attention-rollout map (the paper's Figure 6) to this PNG")
-
-
-def _read_image(path):
-    """An image file as (height, width, 3) uint8 RGB, or a one-line UsageError."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.exists(path):
-        raise UsageError(f"{path}: no such file.")
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: is a folder, not an image file.")
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise UsageError(f"{path}: not a readable image ({first_line(error)}).") from None
 
 
 def _resize_images(images, size):
@@ -197,25 +200,60 @@ def _resize_images(images, size):
     return np.stack(resized)
 
 
-def _load_model(name, weights, input_shape=None):
-    """(model, label set or None, what the weights are) for --model/--weights;
+def _load_model(name, weights, input_shape=None, sha256=None):
+    """(model, label set or None, what the weights are) for --model/--weights/--sha256;
     `input_shape` for a constructor (a .keras model has its own)."""
-    import keras
-
+    from keras_vit import labels as vit_labels
     from keras_vit import models, registry
 
     if name.endswith(MODEL_FILE_SUFFIX):
-        if weights is not None:
-            raise UsageError(f"--weights does not apply to {name}: a .keras model carries its own weights.")
-        if not os.path.exists(name):
-            raise UsageError(f"{name}: no such model file.")
-        return keras.saving.load_model(name), None, "its saved weights"
+        for flag, value in (("--weights", weights), ("--sha256", sha256)):
+            if value is not None:
+                raise UsageError(f"{flag} does not apply to {name}: a .keras model carries its own weights.")
+        labels = vit_labels.labels_file_for(name)
+        return _load_keras_file(name), labels if os.path.isfile(labels) else None, "its saved weights"
     constructor = models.get_constructor(name)
     label_set = None
     if weights is not None and not os.path.exists(weights):
         entry = registry.find_checkpoint(weights, architecture=name)
         label_set = entry.labels if entry is not None else None
-    return constructor(weights=weights, input_shape=input_shape), label_set, weights or "random weights"
+    model = constructor(weights=weights, input_shape=input_shape, expected_sha256=sha256)
+    return model, label_set, weights or "random weights"
+
+
+def _load_keras_file(path):
+    """A saved `.keras` model, or a one-line UsageError saying what is wrong with the file."""
+    import re
+    import zipfile
+    import zlib
+
+    import keras
+
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such model file.")
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a folder, not a .keras model file.")
+    try:  # a .keras file is a zip archive: check it whole first (Keras calls a bad one "File not found")
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+            problem = f"{bad_member} in it is corrupt" if bad_member else None
+            if problem is None and "config.json" not in archive.namelist():
+                problem = "it holds no config.json"
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError) as error:
+        problem = first_line(error) if os.path.getsize(path) else "the file is empty"
+    if problem is not None:
+        raise UsageError(f"{path} is not a readable .keras model ({problem}): truncated or damaged? Save it again.")
+    try:
+        return keras.saving.load_model(path)
+    except (TypeError, ValueError, KeyError, OSError) as error:
+        unknown = re.search(r"Could not locate class '([^']+)'", str(error))
+        if unknown is None:
+            raise UsageError(f"{path}: Keras cannot load it ({first_line(error)})") from None
+        raise UsageError(
+            f"{path}: Keras cannot rebuild its class {unknown.group(1)!r}, which neither Keras nor this keras_vit "
+            "defines (saved by another version, or with another package's layers). In Python, import the package "
+            "that defines it before keras.saving.load_model (keras_vit's layers: import keras_vit)."
+        ) from None
 
 
 def _input_size(model):
@@ -228,18 +266,22 @@ def _input_size(model):
 
 
 def _run_predict(args):
+    from keras_vit import images as vit_images
+
+    if args.explain is not None and not args.explain.lower().endswith(".png"):
+        raise UsageError(f"--explain writes a PNG picture: give a name ending in .png, got {args.explain!r}.")
+    # Every file checked before the model loads, decoded as the export's serving_default decodes it.
+    images = [vit_images.read_image(path) for path in args.images]
+
     import keras
     import numpy as np
 
     from keras_vit import labels as vit_labels
     from keras_vit import serving
 
-    if args.explain is not None and not args.explain.lower().endswith(".png"):
-        raise UsageError(f"--explain writes a PNG picture: give a name ending in .png, got {args.explain!r}.")
-    images = [_read_image(path) for path in args.images]  # every file checked before the model loads
     if os.path.isdir(args.model):
         return _predict_with_export(args, images)
-    model, label_set, source = _load_model(args.model, args.weights)
+    model, label_set, source = _load_model(args.model, args.weights, sha256=args.sha256)
     classes = model.output_shape[-1]
     names = vit_labels.class_names(classes, args.labels or label_set)
     batch = _resize_images(images, _input_size(model))
@@ -269,7 +311,7 @@ def _predict_with_export(args, images):
 
     from keras_vit import runtimes
 
-    for flag, value in (("--weights", args.weights), ("--explain", args.explain)):
+    for flag, value in (("--weights", args.weights), ("--sha256", args.sha256), ("--explain", args.explain)):
         if value is not None:
             raise UsageError(f"{flag} does not apply to an export folder ({args.model}): it holds its own model.")
     export = runtimes.load_export(args.model, precision=args.precision)
@@ -336,7 +378,7 @@ def _run_export(args):
     from keras_vit import serving
 
     input_shape = (None, None, 3) if args.any_size else None
-    model, label_set, source = _load_model(args.model, args.weights, input_shape)
+    model, label_set, source = _load_model(args.model, args.weights, input_shape, sha256=args.sha256)
     names = vit_labels.class_names(model.output_shape[-1], args.labels or label_set)
     calibration = _calibration_images(args.calibration_images, model) if args.calibration_images else None
     version_dir = serving.export_for_serving(
@@ -365,6 +407,8 @@ def _run_export(args):
 
 def _calibration_images(folder, model):
     """The image files in `folder`, resized to the model's input size, as float32 pixels."""
+    from keras_vit import images as vit_images
+
     if not os.path.isdir(folder):
         raise UsageError(f"--calibration-images {folder}: not a folder of images.")
     paths = sorted(os.path.join(folder, name) for name in os.listdir(folder)
@@ -372,7 +416,7 @@ def _calibration_images(folder, model):
     if not paths:
         raise UsageError(f"--calibration-images {folder}: the folder has no files.")
     size = _input_size(model)
-    return _resize_images([_read_image(path) for path in paths], size)
+    return _resize_images([vit_images.read_image(path) for path in paths], size)
 
 
 # ---------------------------------------------------------------------------
@@ -422,8 +466,9 @@ def _run_evaluate(args):
         return _run_vtab(args)
     if not args.dataset:
         raise UsageError("give --dataset NAME (or --vtab TASKS).")
+    names = [name.strip() for value in args.dataset for name in value.split(",") if name.strip()]
+    datasets = {name: evaluation.dataset_sources(name, args.data_dir) for name in names}  # before the model
     model, _, source = _load_model(args.model, args.weights)
-    datasets = [name.strip() for value in args.dataset for name in value.split(",") if name.strip()]
     results = evaluation.few_shot(model, datasets, shots=args.shots or evaluation.SHOTS,
                                   seeds=tuple(range(args.seeds)), batch_size=args.batch_size,
                                   data_dir=args.data_dir)
@@ -486,7 +531,7 @@ def _run_demo(args):
         raise UsageError(str(error)) from None
     if result["accuracy"] < demo.ACCURACY_BAR:
         print(f"keras-vit demo: error: held-out accuracy {result['accuracy']:.2%} is below "
-              f"the demo's {demo.ACCURACY_BAR:.0%} bar.", file=sys.stderr)
+              f"the demo's {demo.ACCURACY_BAR:.0%} bar: nothing was saved or exported.", file=sys.stderr)
         return 1
     return 0
 

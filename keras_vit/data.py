@@ -178,6 +178,9 @@ def _tfds_source(name, split, data_dir, tfds_split, download):
     except tfds.core.registered.DatasetNotFoundError as error:
         raise ValueError(f"Unknown dataset {name!r}: TFDS has no such dataset ({first_line(error)})") from None
     if download and not builder.is_prepared():
+        # Under tfds.testing.mock_data download_and_prepare does nothing: nothing to reach.
+        if "mock" not in getattr(type(builder).download_and_prepare, "__qualname__", ""):
+            _check_reachable(name, builder)
         try:
             builder.download_and_prepare()
         except Exception as error:  # noqa: BLE001 - network, manual download: one line for the user
@@ -214,6 +217,42 @@ def _tfds_source(name, split, data_dir, tfds_split, download):
     except (KeyError, ValueError, AssertionError):
         num_examples = None
     return Source(name, split, builder.info.features["label"].num_classes, num_examples, read, decode=decode)
+
+
+REACHABLE_TIMEOUT_SECONDS = 5
+
+
+def _check_reachable(name, builder):
+    """Fails at once, in one line, when none of the hosts a TFDS dataset
+    downloads from answers (offline, TFDS retries for minutes before its own
+    error). Any HTTP answer counts, even an error status; proxies are the
+    environment's, as for the download itself."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    try:
+        urls = list(builder.url_infos or ())
+    except Exception:  # noqa: BLE001 - no checksums file: let TFDS say what it needs
+        return
+    hosts = sorted({f"{parts.scheme}://{parts.netloc}/" for parts in map(urllib.parse.urlsplit, urls)
+                    if parts.scheme in ("http", "https") and parts.netloc})
+    reasons = []
+    for host in hosts:
+        try:
+            urllib.request.urlopen(urllib.request.Request(host, method="HEAD"),
+                                   timeout=REACHABLE_TIMEOUT_SECONDS).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            reasons.append(f"{host}: {getattr(error, 'reason', error)}")
+    if reasons:
+        raise ValueError(
+            f"{name} is not prepared in {builder.data_dir} and no host it downloads from answers ({reasons[0]}): "
+            f"prepare it where there is network (tfds build {name} --data_dir DIR) and pass that folder "
+            "(--data-dir DIR, data_dir=)."
+        )
 
 
 # ---------------------------------------------------------------------------

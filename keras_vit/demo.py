@@ -18,6 +18,8 @@ import time
 import keras
 import numpy as np
 
+from keras_vit.labels import labels_file_for
+
 # A ViT small enough to train on two CPU cores in a minute or two: the 8x8
 # digits are upsampled to 32x32 and cut into a 4x4 grid of 8x8 patches.
 IMAGE_SIZE = 32
@@ -30,7 +32,8 @@ WEIGHT_DECAY = 0.05
 CLASS_NAMES = [str(digit) for digit in range(10)]
 ACCURACY_BAR = 0.95  # `keras-vit demo` exits with an error below this
 
-OUTPUT_FILES = dict(model="digits_vit.keras", export="serving", attention="attention.png")
+MODEL_FILE = "digits_vit.keras"
+OUTPUT_FILES = dict(model=MODEL_FILE, labels=labels_file_for(MODEL_FILE), export="serving", attention="attention.png")
 
 
 def load_digits(image_size=IMAGE_SIZE):
@@ -131,12 +134,17 @@ def classify_with_export(version_dir, images):
     return [label.decode() for label in outputs["top_k_labels"].numpy()[:, 0]]
 
 
-def run(output_dir="keras_vit_demo", epochs=EPOCHS, examples=8, progress=True, seed=0):
-    """Runs the demo; returns a dict of what it measured and wrote."""
+def run(output_dir="keras_vit_demo", epochs=EPOCHS, examples=8, progress=True, seed=0, accuracy_bar=ACCURACY_BAR):
+    """Runs the demo; returns a dict of what it measured and wrote.
+
+    A model whose held-out accuracy is below `accuracy_bar` is not published:
+    nothing is written (files of an earlier run stay as they were; a new
+    export version would be the one TF Serving picks up) and the result's
+    "paths" is None.
+    """
     from keras_vit import serving, visualize
 
     start = time.perf_counter()
-    os.makedirs(output_dir, exist_ok=True)
     paths = {key: os.path.join(output_dir, name) for key, name in OUTPUT_FILES.items()}
     keras.utils.set_random_seed(seed)
 
@@ -149,11 +157,17 @@ def run(output_dir="keras_vit_demo", epochs=EPOCHS, examples=8, progress=True, s
     probabilities = model.predict(test_x, batch_size=256, verbose=0)
     accuracy = float(np.mean(probabilities.argmax(axis=-1) == test_y))
     print(f"held-out accuracy: {accuracy:.2%} ({len(test_x)} digits never seen in training)")
-
-    model.save(paths["model"])
-    print(f"saved model: {paths['model']}")
-
     result = dict(accuracy=accuracy, paths=paths)
+    if accuracy < accuracy_bar:
+        print(f"below the {accuracy_bar:.0%} bar: nothing written to {output_dir}")
+        result.update(paths=None, seconds=time.perf_counter() - start)
+        return result
+
+    os.makedirs(output_dir, exist_ok=True)
+    model.save(paths["model"])
+    with open(paths["labels"], "w", encoding="utf-8") as file:  # the names `keras-vit predict/export` give
+        file.write("".join(name + "\n" for name in CLASS_NAMES))
+    print(f"saved model: {paths['model']} (class names: {paths['labels']})")
     sample_x, sample_y = test_x[:examples], test_y[:examples]
     if keras.backend.backend() == "tensorflow":
         version_dir = serving.export_for_serving(model, paths["export"], class_names=CLASS_NAMES)

@@ -25,32 +25,21 @@ ResNet of a built model is one layer named `resnet_stem` (`STEM_LAYER_NAME`);
 `keras_vit.npz` maps the official checkpoint keys onto its variables.
 """
 
-import math
-
 import keras
 from keras import layers, ops
 
 from keras_vit.layers import serializable
+# The tables and the ResNet's geometry need no Keras (`keras-vit list`): they live in variants and sizes.
+from keras_vit.sizes import (  # noqa: F401 (hybrid.total_stride etc. as before)
+    ROOT_WIDTH, feature_map_side, output_channels, root_width, stem_macs, stem_parameter_count, total_stride,
+)
+from keras_vit.variants import HYBRID_VARIANTS  # noqa: F401
 
 STEM_LAYER_NAME = "resnet_stem"  # the checkpoint loader looks for this layer
 STD_CONV_EPSILON = 1e-5  # official weight_standardize: (w - mean) / (std + eps)
 GROUP_NORM_EPSILON = 1e-6  # flax.linen.GroupNorm's default
 GROUP_NORM_GROUPS = 32
-ROOT_WIDTH = 64  # features of conv_root and of the first stage, x width_factor
 
-# The hybrids of the paper (R50+ViT-B/16) and of the AugReg release, from the
-# official configs (vision_transformer configs/models.py). `transformer` is the
-# row of keras_vit.VARIANTS whose width, depth, heads and MLP the Transformer
-# has; `patch_size` is taken on the ResNet's feature map; `block_sizes` are the
-# units per ResNet stage (() = the root block alone, stride 4: R+Ti/16's 8x8
-# patches make 32 pixels per token, as the official code and timm compute,
-# though its config's comment speaks of /16).
-HYBRID_VARIANTS = {
-    "R+Ti/16": dict(transformer="Ti/16", patch_size=8, block_sizes=(), width_factor=1),
-    "R26+S/32": dict(transformer="S/32", patch_size=1, block_sizes=(2, 2, 2, 2), width_factor=1),
-    "R50+B/16": dict(transformer="B/16", patch_size=1, block_sizes=(3, 4, 9), width_factor=1),
-    "R50+L/32": dict(transformer="L/32", patch_size=1, block_sizes=(3, 4, 6, 3), width_factor=1),
-}
 
 
 def standardize_kernel(kernel, epsilon=STD_CONV_EPSILON):
@@ -272,10 +261,6 @@ class ResNetStem(layers.Layer):
         return config
 
 
-def root_width(width_factor=1):
-    return int(ROOT_WIDTH * width_factor)
-
-
 def stem_builder(block_sizes=(3, 4, 9), width_factor=1):
     """A `stem=` for `keras_vit.ViT`: each call adds a fresh `resnet_stem` layer.
 
@@ -288,56 +273,3 @@ def stem_builder(block_sizes=(3, 4, 9), width_factor=1):
 
     stem.stride = total_stride(block_sizes)  # input pixels per feature-map pixel
     return stem
-
-
-# ---------------------------------------------------------------------------
-# Sizes without building (the constructors table, the tests)
-# ---------------------------------------------------------------------------
-
-
-def total_stride(block_sizes):
-    """Downscaling of the ResNet: 4 for the root block, x2 per stage after the first."""
-    return 4 * 2 ** max(len(block_sizes) - 1, 0)
-
-
-def output_channels(block_sizes, width_factor=1):
-    width = root_width(width_factor)
-    return 4 * width * 2 ** (len(block_sizes) - 1) if block_sizes else width
-
-
-def _convs(block_sizes, width_factor, image_size):
-    """Yields (kernel, in, out, output side) of every convolution, in order."""
-    width = root_width(width_factor)
-    side = math.ceil(image_size / 2)  # SAME padding: output side = ceil(input / stride)
-    yield 7, 3, width, side
-    side = math.ceil(side / 2)  # max pooling
-    channels = width
-    for index, size in enumerate(block_sizes):
-        features = width * 2**index
-        for unit in range(size):
-            strides = 2 if index > 0 and unit == 0 else 1
-            out_side = math.ceil(side / strides)
-            if channels != 4 * features or strides != 1:
-                yield 1, channels, 4 * features, out_side
-            yield 1, channels, features, side
-            yield 3, features, features, out_side
-            yield 1, features, 4 * features, out_side
-            channels, side = 4 * features, out_side
-
-
-def stem_parameter_count(block_sizes, width_factor=1):
-    """Parameters of the ResNet: bias-free kernels plus a GroupNorm scale and bias each."""
-    return sum(k * k * cin * cout + 2 * cout for k, cin, cout, _ in _convs(block_sizes, width_factor, 224))
-
-
-def stem_macs(block_sizes, width_factor=1, image_size=224):
-    """Multiply-accumulates of the ResNet's convolutions for a square image."""
-    return sum(side * side * k * k * cin * cout for k, cin, cout, side in _convs(block_sizes, width_factor, image_size))
-
-
-def feature_map_side(block_sizes, image_size=224):
-    """Side of the ResNet's output for a square image (SAME padding rounds up)."""
-    side = math.ceil(math.ceil(image_size / 2) / 2)
-    for _ in block_sizes[1:]:
-        side = math.ceil(side / 2)
-    return side

@@ -54,6 +54,16 @@ def load_labels(name):
         return [line.rstrip("\r\n") for line in file if line.strip()]
 
 
+# NAME.labels.txt beside NAME.keras holds a saved model's class names, one per
+# line (`keras-vit demo` writes one): `keras-vit predict` and `export` use them.
+SAVED_MODEL_LABELS_SUFFIX = ".labels.txt"
+
+
+def labels_file_for(model_path):
+    """The class-names file that goes with a saved `.keras` model."""
+    return os.path.splitext(os.fspath(model_path))[0] + SAVED_MODEL_LABELS_SUFFIX
+
+
 def label_set_for(classes):
     """The shipped label set with `classes` classes, or None."""
     for name, (_, count, _) in LABEL_SETS.items():

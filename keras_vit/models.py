@@ -1,7 +1,7 @@
 """The Vision Transformer builder, its variants table and the application constructors.
 
-`ViT()` builds any size; `VARIANTS` (and `hybrid.HYBRID_VARIANTS`) name the
-official ones, and each has a constructor with the `keras.applications`
+`ViT()` builds any size; `VARIANTS` and `HYBRID_VARIANTS` (keras_vit.variants) name
+the official ones, and each has a constructor with the `keras.applications`
 signature (`ViT_B16`, `R50_ViT_B16`, ...). Layer names of a built model (the
 contract that `keras_vit.npz` and `keras_vit.views` rely on):
 
@@ -25,21 +25,11 @@ from keras import layers
 
 from keras_vit import hybrid, pretrained, registry
 from keras_vit import layers as vit_layers
+from keras_vit.variants import (  # noqa: F401 (the tables, also keras_vit.models.*)
+    CONSTRUCTOR_VARIANTS, VARIANTS, display_name, variant_config,
+)
 
 DEFAULT_IMAGE_SIZE = 224
-
-# The official configurations (google-research/vision_transformer, configs/models.py).
-VARIANTS = {
-    "Ti/16": dict(patch_size=16, hidden_size=192, depth=12, num_heads=3, mlp_dim=768),
-    "S/16": dict(patch_size=16, hidden_size=384, depth=12, num_heads=6, mlp_dim=1536),
-    "S/32": dict(patch_size=32, hidden_size=384, depth=12, num_heads=6, mlp_dim=1536),
-    "B/8": dict(patch_size=8, hidden_size=768, depth=12, num_heads=12, mlp_dim=3072),
-    "B/16": dict(patch_size=16, hidden_size=768, depth=12, num_heads=12, mlp_dim=3072),
-    "B/32": dict(patch_size=32, hidden_size=768, depth=12, num_heads=12, mlp_dim=3072),
-    "L/16": dict(patch_size=16, hidden_size=1024, depth=24, num_heads=16, mlp_dim=4096),
-    "L/32": dict(patch_size=32, hidden_size=1024, depth=24, num_heads=16, mlp_dim=4096),
-    "H/14": dict(patch_size=14, hidden_size=1280, depth=32, num_heads=16, mlp_dim=5120),
-}
 
 # The keras.applications arguments, documented once for ViT() and every constructor.
 APPLICATION_ARGS = """\
@@ -62,17 +52,6 @@ APPLICATION_ARGS = """\
         include_preprocessing: take pixels in [0, 255] and scale them to
             [-1, 1] inside the model (else give `preprocess_input` values).
         name: model name."""
-
-
-def variant_config(variant):
-    """The `ViT()` keywords of a row of VARIANTS or of hybrid.HYBRID_VARIANTS
-    (for a hybrid: its Transformer's row, the patch size on the ResNet's
-    feature map, and the ResNet's `block_sizes` and `width_factor`)."""
-    if variant in VARIANTS:
-        return dict(VARIANTS[variant])
-    row = hybrid.HYBRID_VARIANTS[variant]
-    return dict(VARIANTS[row["transformer"]], patch_size=row["patch_size"],
-                block_sizes=row["block_sizes"], width_factor=row["width_factor"])
 
 
 def ViT(
@@ -288,12 +267,6 @@ _CONSTRUCTOR_DOC = """Builds {title}.
     """
 
 
-def display_name(variant):
-    """"B/16" -> "ViT-B/16"; "R50+B/16" -> "R50+ViT-B/16"."""
-    stem, _, transformer = variant.rpartition("+")
-    return f"{stem}+ViT-{transformer}" if stem else f"ViT-{variant}"
-
-
 def _constructor(variant):
     """Marks a function as the constructor of `variant` and gives it the shared docstring."""
 
@@ -333,7 +306,6 @@ def _build(constructor, arguments):
     if "block_sizes" in config:
         config["stem"] = hybrid.stem_builder(config.pop("block_sizes"), config.pop("width_factor"))
     return ViT(**config, **arguments, architecture=constructor.__name__, **kwargs)
-
 
 
 @_constructor("Ti/16")
@@ -414,11 +386,8 @@ def R50_ViT_L32(include_top=True, weights=None, input_tensor=None, input_shape=N
     return _build(R50_ViT_L32, locals())
 
 
-CONSTRUCTORS = {
-    constructor.__name__: constructor
-    for constructor in (ViT_Ti16, ViT_S16, ViT_S32, ViT_B8, ViT_B16, ViT_B32, ViT_L16, ViT_L32, ViT_H14,
-                        R_ViT_Ti16, R26_ViT_S32, R50_ViT_B16, R50_ViT_L32)
-}
+# variants.CONSTRUCTOR_VARIANTS names them (keras-free, for `keras-vit list`).
+CONSTRUCTORS = {name: globals()[name] for name in CONSTRUCTOR_VARIANTS}
 
 
 def get_constructor(name):

@@ -47,7 +47,7 @@ from typing import Optional
 
 import numpy as np
 
-from keras_vit import download
+from keras_vit import download, variants
 from keras_vit.errors import first_line
 from keras_vit.hybrid import STEM_LAYER_NAME
 
@@ -252,6 +252,46 @@ def stem_weight_map(model):
     return {key: v for key, v in mapping.items() if STEM_PATH.match(v.path)}
 
 
+_BLOCK_INDEX = re.compile(r"^Transformer/encoderblock_(\d+)/")
+_RESNET_UNIT = re.compile(r"^block(\d+)/unit(\d+)/")
+
+
+def architecture(shapes, blocks="vision_transformer"):
+    """The `variants.Architecture` of {official key without prefix: shape}
+    (a file's arrays, or a model's weights by `weight_map`), None when the
+    keys that fix it are missing. `blocks`: a key of BLOCK_NAMES."""
+    names = BLOCK_NAMES[blocks]
+    try:
+        kernel = shapes["embedding/kernel"]
+        query = shapes[f"Transformer/encoderblock_0/{names['attention']}/query/kernel"]
+        mlp = shapes[f"Transformer/encoderblock_0/{names['mlp']}/Dense_0/kernel"]
+    except KeyError:
+        return None
+    depth = len({match.group(1) for match in map(_BLOCK_INDEX.match, shapes) if match})
+    units = {}  # a hybrid's ResNet: stage -> units
+    for match in filter(None, map(_RESNET_UNIT.match, shapes)):
+        stage = int(match.group(1))
+        units[stage] = max(units.get(stage, 0), int(match.group(2)))
+    hybrid = units or any(key.startswith("conv_root/") for key in shapes)
+    resnet = tuple(units[stage] for stage in sorted(units)) if hybrid else None
+    return variants.Architecture(kernel[-1], depth, query[1], mlp[-1], tuple(kernel[:2]), resnet)
+
+
+def model_architecture(model, blocks="vision_transformer"):
+    """The `variants.Architecture` of a keras_vit model (None for another model)."""
+    mapping, _ = weight_map(model, Layout("", blocks, POSEMB_KEYS[0]))
+    return architecture({key: tuple(variable.shape) for key, variable in mapping.items()}, blocks)
+
+
+def file_architecture(path):
+    """The `variants.Architecture` of an official `.npz` (array headers only), or None."""
+    with _Archive(path) as archive:
+        shapes = archive.shapes
+    layout = detect_layout(shapes, path)
+    return architecture({k[len(layout.prefix):]: v for k, v in shapes.items() if k.startswith(layout.prefix)},
+                        layout.blocks)
+
+
 # ---------------------------------------------------------------------------
 # Strict loading
 # ---------------------------------------------------------------------------
@@ -371,8 +411,18 @@ def _match(model, shapes, layout, path, new_head, drop_pre_logits):
     unused = [f"{k} {shapes[k]}" for k in unused]
     unmapped = [f"{v.path} {tuple(v.shape)}" for v in unmapped]
     if missing or mismatched or unused or unmapped:
+        ours = architecture({k[len(p):]: v for k, v in shapes.items() if k.startswith(p)}, layout.blocks)
+        theirs = model_architecture(model, layout.blocks)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ValueError(architecture_mismatch(f"Checkpoint {path}", model, ours, theirs))
         raise ValueError(_mismatch_message(model, path, missing, mismatched, unused, unmapped))
     return assignments
+
+
+def architecture_mismatch(what, model, ours, theirs):
+    """One line: `what` (a weights file) holds architecture `ours`, `model` has `theirs`; what to build."""
+    return (f"{what} does not fit model {model.name!r}: it holds another architecture "
+            f"({'; '.join(ours.differences(theirs))}); {ours.fix()}.")
 
 
 def _posemb_transform(layer):
@@ -408,8 +458,10 @@ def _mismatch_message(model, path, missing, mismatched, unused, unmapped):
     hints = []
     text = " ".join(mismatched + unused)
     if "head/" in text:
-        hints.append("for another class count use classes=N (or new_head=True)")
+        hints.append("for another class count build the model with classes=N (keras-vit convert: --classes N); "
+                     "load_npz(..., new_head=True) replaces a built model's head")
     if "pre_logits/" in text:
-        hints.append("keep_pre_logits=False (or drop_pre_logits=True) drops the pre_logits layer")
+        hints.append("keep_pre_logits=False when building, or load_npz(..., drop_pre_logits=True), drops the "
+                     "pre_logits layer (keras-vit convert: --drop-pre-logits)")
     hint = "; ".join(hints) or "build the architecture the checkpoint was trained with"
     return f"Checkpoint {path} does not fit model {model.name!r}: " + " | ".join(parts) + f". Hint: {hint}."

@@ -36,9 +36,11 @@ and the checkpoint fills in what the caller leaves None:
 
 import dataclasses
 import os
+import re
+import warnings
 from typing import Callable, Optional
 
-from keras_vit import download, npz, registry
+from keras_vit import download, npz, registry, variants
 from keras_vit.errors import first_line
 
 KERAS_WEIGHTS_SUFFIXES = (".weights.h5",)
@@ -186,6 +188,42 @@ def keras_weights_classes(path):
         return int(variables["0"].shape[-1]) if "0" in variables else None
 
 
+# Paths in a keras_vit `.weights.h5` (Keras names nested layers by class) -> the
+# official keys `npz.architecture` reads; groups: block / ResNet stage and unit suffixes.
+_H5_KEYS = (
+    (re.compile(r"^layers/patch_encoder/projection/vars/0$"), "embedding/kernel"),
+    (re.compile(r"^layers/transformer_block(?:_(\d+))?/attention/query_dense/vars/0$"),
+     "Transformer/encoderblock_{0}/MultiHeadDotProductAttention_1/query/kernel"),
+    (re.compile(r"^layers/transformer_block(?:_(\d+))?/mlp_in/vars/0$"), "Transformer/encoderblock_{0}/MlpBlock_3/Dense_0/kernel"),
+    (re.compile(r"^layers/res_net_stem/conv_root/vars/0$"), "conv_root/kernel"),
+    (re.compile(r"^layers/res_net_stem/stages/res_net_stage(?:_(\d+))?/units/bottleneck_unit(?:_(\d+))?/conv1/vars/0$"),
+     "block{0}/unit{1}/conv1/kernel"),
+)
+
+
+def keras_weights_architecture(path):
+    """The `variants.Architecture` of a keras_vit `.weights.h5` file from its
+    array shapes, or None when it is not laid out as a keras_vit model's."""
+    import h5py
+
+    shapes = {}
+
+    def add(name, item):  # (returning anything but None would stop visititems)
+        if isinstance(item, h5py.Dataset):
+            shapes[name] = item.shape
+
+    with h5py.File(path, "r") as f:
+        f.visititems(add)
+    official = {}
+    for name, shape in shapes.items():
+        for pattern, key in _H5_KEYS:
+            match = pattern.match(name)
+            if match:  # suffixes count from none (0); official stages and units count from 1
+                numbers = [int(group or 0) + (1 if key.startswith("block") else 0) for group in match.groups()]
+                official[key.format(*numbers)] = tuple(shape)
+    return npz.architecture(official)
+
+
 def load_keras_weights(model, path, new_head=False):
     """Loads a `.weights.h5` file, with a one-line error when it does not fit.
 
@@ -195,20 +233,36 @@ def load_keras_weights(model, path, new_head=False):
     count. That is how a self-supervised encoder (keras_vit.pretraining) or
     a model fine-tuned for other classes starts a new fine-tuning.
     """
+    ours, theirs = keras_weights_architecture(path), npz.model_architecture(model)
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ValueError(npz.architecture_mismatch(f"Weights file {path}", model, ours, theirs))
     target = model
     if new_head:
         import keras
 
         target = keras.Model(model.inputs, model.get_layer("encoder_norm").output, name=model.name)
     try:
-        target.load_weights(path)
+        with warnings.catch_warnings():
+            # Keras warns per nested layer it could not match before it raises: the error says it once.
+            warnings.filterwarnings("ignore", message="Skipping nested container")
+            target.load_weights(path)
     except (ValueError, KeyError) as error:
         raise ValueError(
-            f"Weights file {path} does not fit model {model.name!r}: {first_line(error)} "
+            f"Weights file {path} does not fit model {model.name!r}: {_keras_load_reason(error)} "
             "Build the model with the same architecture"
             + (" (body)" if new_head else ", include_top and classes")
             + " as the model that saved it."
         ) from error
+
+
+def _keras_load_reason(error):
+    """The reason in Keras's load_weights error, whose first line is only a count
+    ("A total of 21 objects could not be loaded. Example error message ...:"),
+    without the variable's values it prints after it."""
+    paragraphs = [part.strip() for part in str(error).split("\n\n") if part.strip()]
+    if len(paragraphs) > 1 and paragraphs[0].startswith("A total of"):
+        paragraphs = paragraphs[1:]
+    return first_line(paragraphs[0].split(" Target variable:")[0]) if paragraphs else type(error).__name__
 
 
 def load_pretrained(model, weights, **kwargs):
@@ -221,13 +275,32 @@ def load_pretrained(model, weights, **kwargs):
 
 
 def load_registered(model, entry, *, new_head=False, drop_pre_logits=False, expected_sha256=None, progress=True):
-    """Downloads (once, verified) and loads a registry entry; a cached file that
-    turns out unreadable is removed so that the next run downloads it again."""
+    """Downloads (once, verified) and loads a registry entry. A cached file
+    that turns out unreadable, or not of the entry's architecture (a wrong
+    file accepted into the cache), is removed so that the next run downloads
+    it again; any other mismatch names the cached file."""
     path = download.fetch(entry.file, entry.sha256, expected_sha256, progress=progress)
     try:
         npz.load_npz(model, path, new_head=new_head, drop_pre_logits=drop_pre_logits)
     except npz.CorruptCheckpointError as error:
+        raise npz.CorruptCheckpointError(f"{error} {_remove_from_cache(entry)}") from None
+    except ValueError as error:
+        found, variant = npz.file_architecture(path), variants.CONSTRUCTOR_VARIANTS.get(entry.architecture)
+        described = variants.Architecture.of_variant(variant) if variant else None
+        if None not in (found, described) and found != described:
+            raise ValueError(
+                f"The cached {entry.file} ({path}) is not the {entry.architecture} checkpoint the registry describes "
+                f"({'; '.join(found.differences(described, theirs=entry.architecture))}). "
+                + _remove_from_cache(entry)
+            ) from None
+        raise ValueError(f"{first_line(error)} (The checkpoint is the cached {path}.)") from None
+
+
+def _remove_from_cache(entry):
+    """Removes a bad cached file; says what happened, for the error line."""
+    try:
         download.remove_cached(entry.file)
-        raise npz.CorruptCheckpointError(
-            f"{error} It was removed from the cache: run again to download it again."
-        ) from None
+    except OSError as error:  # a read-only cache
+        return (f"It could not be removed from the cache ({error.strerror}): replace it, "
+                f"or set {download.CACHE_ENV} to another folder.")
+    return "It was removed from the cache: run again to download it again."

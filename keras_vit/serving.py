@@ -16,7 +16,8 @@ The forward pass is traced into the SavedModel graph with the model's
 variables, so serving it needs TensorFlow only, not keras or keras_vit.
 Three signatures, all with the same outputs:
 
-    serving_default  images: string (batch,)   encoded JPEG/PNG/GIF/BMP files;
+    serving_default  images: string (batch,)   encoded JPEG/PNG/GIF/BMP files
+                     (keras_vit.images: at most 40 million pixels each);
                      TF Serving's REST API carries them as {"b64": "..."}
     serve_pixels     images: uint8 (batch, height, width, 3), any size
     serve_float      images: float32 (batch, H, W, 3) at the model's size,
@@ -352,10 +353,6 @@ _SHAPES = {
     "serve_float": "a rank-4 (batch, height, width, 3) float32 batch",
 }
 
-# The first bytes of each format tf.io.decode_image reads.
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
-
-
 class _ServingGraph:
     """The bodies of the three signatures for one model, each a named step."""
 
@@ -490,28 +487,18 @@ def _check_input(images, name, rank, channels=None, size=None, multiple=None):
 
 def _decode_image(encoded, size):
     """One encoded image file -> float32 [0, 255] pixels, bilinearly resized
-    to `size` (None: at its own size)."""
+    to `size` (None: at its own size). Decoded by keras_vit.images, as
+    `keras-vit predict` decodes files: the same formats, the same pixels,
+    the same bound on the pixel count (read from the header, before decoding)."""
     import tensorflow as tf
 
-    is_image = tf.debugging.Assert(
-        _is_image_file(encoded),
-        ["serving_default: input is not a JPEG, PNG, GIF or BMP image; its first bytes:",
-         tf.strings.substr(encoded, 0, 8)],
-    )
-    with tf.control_dependencies([is_image]):
-        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    from keras_vit import images
+
+    image = images.checked_decode(encoded, "serving_default")
     if size is None:
         return tf.ensure_shape(tf.cast(image, tf.float32), (None, None, 3))
     image = tf.image.resize(image, size, method="bilinear")
     return tf.ensure_shape(image, (*size, 3))
-
-
-def _is_image_file(encoded):
-    import tensorflow as tf
-
-    return tf.reduce_any(
-        [tf.strings.substr(encoded, 0, len(magic)) == magic for magic in _IMAGE_MAGIC]
-    )
 
 
 # ---------------------------------------------------------------------------

@@ -6,14 +6,16 @@ The keywords are a constructor's `config` (`keras_vit.ViT_B16.config`):
     sizes.multiply_accumulates(**keras_vit.ViT_B16.config)     # 17.6 G
 """
 
-from keras_vit import hybrid
+import math
+
+ROOT_WIDTH = 64  # features of a hybrid ResNet's conv_root and first stage, x width_factor
 
 
 def _patched_input(image_size, block_sizes, width_factor):
     """(side, channels) of what the patches are cut from: the image, or a hybrid's ResNet output."""
     if block_sizes is None:
         return image_size, 3
-    return hybrid.feature_map_side(block_sizes, image_size), hybrid.output_channels(block_sizes, width_factor)
+    return feature_map_side(block_sizes, image_size), output_channels(block_sizes, width_factor)
 
 
 def parameter_count(patch_size, hidden_size, depth, num_heads, mlp_dim, image_size=224, classes=1000,
@@ -27,7 +29,7 @@ def parameter_count(patch_size, hidden_size, depth, num_heads, mlp_dim, image_si
     tokens = (side // patch_size) ** 2 + 1
     block = 4 * (hidden_size**2 + hidden_size) + 2 * hidden_size * mlp_dim + mlp_dim + hidden_size + 4 * hidden_size
     return (
-        (0 if block_sizes is None else hybrid.stem_parameter_count(block_sizes, width_factor))
+        (0 if block_sizes is None else stem_parameter_count(block_sizes, width_factor))
         + patch_size**2 * channels * hidden_size + hidden_size  # patch embedding
         + hidden_size + tokens * hidden_size  # class token, position embedding
         + depth * block
@@ -47,7 +49,7 @@ def multiply_accumulates(patch_size, hidden_size, depth, num_heads, mlp_dim, ima
     patches = tokens - 1
     macs = patches * patch_size**2 * channels * hidden_size
     if block_sizes is not None:
-        macs += hybrid.stem_macs(block_sizes, width_factor, image_size)
+        macs += stem_macs(block_sizes, width_factor, image_size)
     macs += depth * (
         4 * tokens * hidden_size**2  # q, k, v, out projections
         + 2 * tokens * tokens * hidden_size  # scores and weighted sum
@@ -55,3 +57,60 @@ def multiply_accumulates(patch_size, hidden_size, depth, num_heads, mlp_dim, ima
     )
     macs += hidden_size * classes
     return macs
+
+
+# ---------------------------------------------------------------------------
+# A hybrid's ResNet (keras_vit.hybrid builds it; BiT's layout, see there)
+# ---------------------------------------------------------------------------
+
+
+def root_width(width_factor=1):
+    return int(ROOT_WIDTH * width_factor)
+
+
+def total_stride(block_sizes):
+    """Downscaling of the ResNet: 4 for the root block, x2 per stage after the first."""
+    return 4 * 2 ** max(len(block_sizes) - 1, 0)
+
+
+def output_channels(block_sizes, width_factor=1):
+    width = root_width(width_factor)
+    return 4 * width * 2 ** (len(block_sizes) - 1) if block_sizes else width
+
+
+def _convs(block_sizes, width_factor, image_size):
+    """Yields (kernel, in, out, output side) of every convolution, in order."""
+    width = root_width(width_factor)
+    side = math.ceil(image_size / 2)  # SAME padding: output side = ceil(input / stride)
+    yield 7, 3, width, side
+    side = math.ceil(side / 2)  # max pooling
+    channels = width
+    for index, size in enumerate(block_sizes):
+        features = width * 2**index
+        for unit in range(size):
+            strides = 2 if index > 0 and unit == 0 else 1
+            out_side = math.ceil(side / strides)
+            if channels != 4 * features or strides != 1:
+                yield 1, channels, 4 * features, out_side
+            yield 1, channels, features, side
+            yield 3, features, features, out_side
+            yield 1, features, 4 * features, out_side
+            channels, side = 4 * features, out_side
+
+
+def stem_parameter_count(block_sizes, width_factor=1):
+    """Parameters of the ResNet: bias-free kernels plus a GroupNorm scale and bias each."""
+    return sum(k * k * cin * cout + 2 * cout for k, cin, cout, _ in _convs(block_sizes, width_factor, 224))
+
+
+def stem_macs(block_sizes, width_factor=1, image_size=224):
+    """Multiply-accumulates of the ResNet's convolutions for a square image."""
+    return sum(side * side * k * k * cin * cout for k, cin, cout, side in _convs(block_sizes, width_factor, image_size))
+
+
+def feature_map_side(block_sizes, image_size=224):
+    """Side of the ResNet's output for a square image (SAME padding rounds up)."""
+    side = math.ceil(math.ceil(image_size / 2) / 2)
+    for _ in block_sizes[1:]:
+        side = math.ceil(side / 2)
+    return side

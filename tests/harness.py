@@ -7,6 +7,8 @@ Keras APIs only, so they run unchanged under KERAS_BACKEND=jax.
 """
 
 import os
+import struct
+import zlib
 
 import keras
 import numpy as np
@@ -246,3 +248,23 @@ CHECKS = {
     "intermediate_outputs": check_intermediate_outputs,
     "attention_maps": check_attention_maps,
 }
+
+
+# ---------------------------------------------------------------------------
+# Image files
+# ---------------------------------------------------------------------------
+
+
+def png(width, height, samples=b"", bit_depth=8, colour_type=2):
+    """A PNG file written by hand: any header, 16-bit samples (which Pillow cannot write in colour)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(samples))
+            + chunk(b"IEND", b""))
+
+
+def png16(values):
+    """A 16-bit PNG of (height, width) grey or (height, width, 3) RGB values."""
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in values)  # filter byte 0 per row
+    return png(values.shape[1], values.shape[0], rows, bit_depth=16, colour_type=0 if values.ndim == 2 else 2)

@@ -225,18 +225,38 @@ def test_missing_array_is_an_error(tmp_path):
     assert "block_01/norm2/gamma (32,)" in message
 
 
-def test_shape_mismatch_names_both_shapes(tiny_ckpt):
+def test_shape_mismatch_names_both_shapes(tmp_path):
+    arrays = dict(tiny_arrays(), **{"Transformer/encoderblock_1/LayerNorm_2/scale": np.ones(16, "float32")})
     with pytest.raises(ValueError) as excinfo:
-        tiny_model(tiny_ckpt[0], mlp_dim=48)
+        tiny_model(write_checkpoint(tmp_path / "odd.npz", arrays))
     message = one_line_error(excinfo)
-    assert "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel (32, 64) vs block_00/mlp_in/kernel (32, 48)" in message
+    assert "Transformer/encoderblock_1/LayerNorm_2/scale (16,) vs block_01/norm2/gamma (32,)" in message
 
 
-def test_deeper_model_than_checkpoint_is_an_error(tiny_ckpt):
-    model = keras_vit.ViT(**dict(TINY, depth=3), input_shape=(32, 32, 3), classes=5)
-    with pytest.raises(ValueError, match="encoderblock_2") as excinfo:
+@pytest.mark.parametrize("change, difference", [
+    (dict(depth=3), "depth 2 in the file vs 3 in the model"),
+    (dict(mlp_dim=48), "MLP 64 in the file vs 48 in the model"),
+    (dict(hidden_size=64, num_heads=8), "width 32 in the file vs 64 in the model; heads 4 in the file vs 8"),
+    (dict(patch_size=16), "patch 8x8 in the file vs 16x16 in the model"),
+])
+def test_another_architecture_says_what_differs_and_what_to_build(tiny_ckpt, change, difference):
+    """Not a list of every key and shape (thousands of characters): what differs, and the model to build."""
+    model = keras_vit.ViT(**dict(TINY, **change), input_shape=(32, 32, 3), classes=5)
+    with pytest.raises(ValueError) as excinfo:
         keras_vit.load_npz(model, tiny_ckpt[0])
-    one_line_error(excinfo)
+    message = one_line_error(excinfo)
+    assert difference in message and len(message) < 400, message
+    assert message.endswith("build keras_vit.ViT(patch_size=8, hidden_size=32, depth=2, num_heads=4, mlp_dim=64).")
+
+
+def test_an_official_architecture_is_named_with_its_command_line_flag(tmp_path):
+    arrays = official_arrays(**keras_vit.VARIANTS["Ti/16"], image_size=32, classes=5)
+    model = keras_vit.ViT_S16(input_shape=(32, 32, 3), classes=5)
+    with pytest.raises(ValueError) as excinfo:
+        keras_vit.load_npz(model, write_checkpoint(tmp_path / "ti16.npz", arrays))
+    message = one_line_error(excinfo)
+    assert "width 192 in the file vs 384 in the model" in message and "depth" not in message
+    assert "the weights are ViT_Ti16's" in message and "--model ViT_Ti16" in message
 
 
 def test_another_class_count_gets_a_zero_head_on_the_pretrained_body(tiny_ckpt):
@@ -436,9 +456,23 @@ def test_cli_convert_options_and_errors(ti16_ckpt, tmp_path, capsys):
         ([ti16_ckpt, str(tmp_path / "x.h5"), "--model", "ViT_Ti16"], ".keras or .weights.h5"),
         ([str(tmp_path / "missing.npz"), str(tmp_path / "x.keras"), "--model", "ViT_Ti16"], "missing.npz"),
         ([ti16_ckpt, str(tmp_path / "x.keras"), "--model", "ViT_Q16"], "ViT_Q16"),
-        ([ti16_ckpt, str(tmp_path / "x.keras"), "--model", "ViT_S16"], "shape mismatches"),
+        ([ti16_ckpt, str(tmp_path / "x.keras"), "--model", "ViT_S16"], "width 192 in the file vs 384 in the model"),
     ]:
         assert cli.main(["convert"] + argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
     assert not os.path.exists(tmp_path / "x.keras"), "nothing is written when conversion fails"
+
+
+def test_cli_convert_does_not_replace_an_output_unless_told(ti16_ckpt, tmp_path, capsys):
+    """As `export`: an existing OUTPUT needs --overwrite; the new file replaces
+    it whole (written beside it, then moved), leaving nothing else behind."""
+    for name in ("model.keras", "model.weights.h5"):
+        out = tmp_path / name
+        out.write_bytes(b"an earlier model")
+        assert cli.main(["convert", ti16_ckpt, str(out), "--model", "ViT_Ti16"]) == 2
+        assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
+        assert out.read_bytes() == b"an earlier model"
+    assert cli.main(["convert", ti16_ckpt, str(tmp_path / "model.keras"), "--model", "ViT_Ti16", "--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["model.keras", "model.weights.h5"]
+    keras.saving.load_model(str(tmp_path / "model.keras"), safe_mode=True)

@@ -7,23 +7,29 @@ are run for real as well.
 """
 
 import glob
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import harness
-from keras_vit import visualize
+from harness import png, png16
+from keras_vit import images, visualize
+from keras_vit.testing import official_arrays, write_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_IMAGES = sorted(glob.glob(os.path.join(ROOT, "examples", "images", "*.jpg")))
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "keras-vit")
+# Subprocesses import this checkout's keras_vit, whichever copy the environment has installed.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
 SUBCOMMANDS = ("list", "convert", "predict", "export", "demo")
 # TensorFlow's C++ runtime logs a few lines straight to stderr while it
 # loads (before any setting can silence them); they are not the CLI's output.
@@ -51,6 +57,37 @@ BATCH_DRIVER = textwrap.dedent(
 )
 
 
+# 16-bit test images: every high byte, and low bytes that differ from them.
+GREY16 = (np.arange(40 * 48, dtype=np.int64).reshape(40, 48) * 34 % 65536).astype(np.uint16)
+COLOUR16 = np.stack([GREY16, GREY16[::-1], 65535 - GREY16], axis=-1)
+
+
+def _broken_keras_files(folder, tiny_path):
+    """Damaged and foreign .keras files: {name: path}."""
+    data = open(tiny_path, "rb").read()
+    middle = len(data) // 2
+    broken = {
+        "empty_keras": b"",
+        "text_keras": b"this is text, not a model\n",
+        "truncated_keras": data[:middle],
+        "flipped_keras": data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 16]) + data[middle + 16:],
+    }
+    paths = {}
+    for name, content in broken.items():
+        paths[name] = os.path.join(folder, f"{name}.keras")
+        open(paths[name], "wb").write(content)
+    # A class neither Keras nor keras_vit defines (a newer version's, another package's).
+    paths["foreign_keras"] = os.path.join(folder, "foreign.keras")
+    with zipfile.ZipFile(tiny_path) as source, zipfile.ZipFile(paths["foreign_keras"], "w") as target:
+        for item in source.infolist():
+            content = source.read(item.filename)
+            if item.filename == "config.json":
+                content = content.replace(b'"PatchEncoder"', b'"PatchEncoderV9"').replace(
+                    b"keras_vit>PatchEncoder", b"keras_vit>PatchEncoderV9")
+            target.writestr(item, content)
+    return paths
+
+
 def _cli_lines(stderr):
     return [line for line in stderr.splitlines() if line.strip() and not TF_RUNTIME_LOG.match(line)]
 
@@ -69,8 +106,19 @@ def files(tmp_path_factory):
     logits_model.set_weights(model.get_weights())
     logits_model.save(folder / "tiny_logits.keras")
     (folder / "names.txt").write_text("\n".join(TINY_NAMES) + "\n")
+    (folder / "grey16.png").write_bytes(png16(GREY16))
+    (folder / "colour16.png").write_bytes(png16(COLOUR16))
+    (folder / "huge.png").write_bytes(png(20000, 20000))  # 69 bytes: Pillow's DecompressionBombError
+    (folder / "long.png").write_bytes(png(60_000_000, 1))  # 69 bytes that would take gigabytes
+    webp = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(webp, format="WEBP")
+    (folder / "image.webp").write_bytes(webp.getvalue())
+    write_checkpoint(folder / "tiny.npz", official_arrays(**harness.TINY_VIT, image_size=32, classes=5))
     return {"folder": str(folder), "not_an_image": str(not_an_image), "truncated": str(truncated),
-            "model": model, "tiny": str(folder / "tiny.keras"), "names": str(folder / "names.txt")}
+            "model": model, "tiny": str(folder / "tiny.keras"), "names": str(folder / "names.txt"),
+            "grey16": str(folder / "grey16.png"), "colour16": str(folder / "colour16.png"),
+            "huge": str(folder / "huge.png"), "long": str(folder / "long.png"), "webp": str(folder / "image.webp"),
+            "npz": str(folder / "tiny.npz"), **_broken_keras_files(str(folder), str(folder / "tiny.keras"))}
 
 
 TINY_NAMES = ["apple", "bear", "cloud", "dune", "eel"]
@@ -80,6 +128,9 @@ EXPORT_INT8 = ["export", "tiny.keras", "exports/tiny_int8", "--labels", "names.t
 # Every class of the tiny model with its softmax head, and of the same weights returning logits.
 PREDICT_ALL = {name: ["predict", *EXAMPLE_IMAGES, "--model", name, "--labels", "names.txt", "--top", "5"]
                for name in ("tiny.keras", "tiny_logits.keras")}
+PREDICT_16_BIT = ["predict", "grey16.png", "colour16.png", "--model", "tiny.keras", "--labels", "names.txt",
+                  "--top", "5"]
+NO_HASH = "00" * 32
 
 # Each: (command line, words the one-line error must contain).
 MISUSES = [
@@ -106,6 +157,21 @@ MISUSES = [
     (["export", "{tiny}", "{folder}/export", "--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),
     (["export", "{tiny}", "{folder}/export", "--quantize"], "argument --quantize: expected one argument"),
     (["demo", "--epochs", "many"], "--epochs"),
+    # One decoder for predict and serving_default: the same formats, a bound on the pixels (read from the header).
+    (["predict", "{huge}"], "20000x20000 is more than 40,000,000 pixels"),
+    (["predict", "{long}"], "60000000x1 is more than 40,000,000 pixels"),
+    (["predict", "{webp}"], "not a readable image (not a JPEG, PNG, GIF or BMP file)"),
+    # A damaged .keras file is named as such (Keras says "File not found", or raises BadZipFile).
+    (["predict", "{image}", "--model", "{empty_keras}"], "is not a readable .keras model (the file is empty)"),
+    (["predict", "{image}", "--model", "{text_keras}"], "is not a readable .keras model (File is not a zip file)"),
+    (["predict", "{image}", "--model", "{truncated_keras}"], "is not a readable .keras model"),
+    (["predict", "{image}", "--model", "{flipped_keras}"], "is not a readable .keras model"),
+    (["export", "{flipped_keras}", "{folder}/export"], "is not a readable .keras model"),
+    (["predict", "{image}", "--model", "{foreign_keras}"], "cannot rebuild its class 'PatchEncoderV9'"),
+    (["predict", "{image}", "--model", "{tiny}", "--sha256", NO_HASH], "--sha256 does not apply"),
+    (["export", "{tiny}", "{folder}/export", "--sha256", NO_HASH], "--sha256 does not apply"),
+    (["predict", "{image}", "--model", "ViT_Ti16", "--weights", "{npz}", "--sha256", NO_HASH],
+     f"expected {NO_HASH}: the file is not the expected checkpoint"),
 ]
 
 
@@ -116,13 +182,13 @@ def batch(files, tmp_path_factory):
     command_lines = [[part.format(**values) for part in argv] for argv, _ in MISUSES]
     command_lines += [[name, "--help"] for name in SUBCOMMANDS] + [["--help"]]
     command_lines += [["list"], ["predict", *EXAMPLE_IMAGES, "--model", "ViT_Ti16", "--top", "3"], EXPORT, EXPORT_INT8]
-    command_lines += list(PREDICT_ALL.values())
+    command_lines += list(PREDICT_ALL.values()) + [PREDICT_16_BIT]
     work = tmp_path_factory.mktemp("batch")
     (work / "argv.json").write_text(json.dumps(command_lines))
     (work / "driver.py").write_text(BATCH_DRIVER)
     completed = subprocess.run(
         [sys.executable, str(work / "driver.py"), str(work / "argv.json"), str(work / "results.json")],
-        capture_output=True, text=True, timeout=600, cwd=files["folder"],
+        capture_output=True, text=True, timeout=600, cwd=files["folder"], env=ENV,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((work / "results.json").read_text())
@@ -192,9 +258,78 @@ def test_predict_softmaxes_a_model_returning_logits(batch):
         assert abs(sum(scores) - 1.0) <= 5e-4 and min(scores) >= 0.0
 
 
+def test_predict_and_serving_default_decode_16_bit_pngs_alike(batch, files):
+    """16-bit grey and colour PNGs: `predict` prints what the export's
+    serving_default computes from the same bytes, and both are the model's
+    output on the high bytes (v >> 8) of the 16-bit samples, not on a white
+    image (Pillow's convert("RGB") clipped 16-bit grey to 255)."""
+    import tensorflow as tf
+
+    result = batch[0][tuple(PREDICT_16_BIT)]
+    assert result["code"] == 0, result["stderr"]
+    printed = re.findall(r"^  ([1-5])\. (\d\.\d{4})  (\w+)$", result["stdout"], flags=re.MULTILINE)
+    serve = tf.saved_model.load(os.path.join(files["folder"], "exports", "tiny", "1")).signatures["serving_default"]
+    model = files["model"]
+    for image, values in enumerate((GREY16, COLOUR16)):
+        high_bytes = (values >> 8).astype("float32")
+        pixels = np.repeat(high_bytes[..., None], 3, axis=-1) if values.ndim == 2 else high_bytes
+        expected = model.predict(tf.image.resize(pixels[None], (32, 32), method="bilinear").numpy(), verbose=0)[0]
+        white = model.predict(np.full((1, 32, 32, 3), 255.0, "float32"), verbose=0)[0]
+        assert np.abs(expected - white).max() > 1e-3  # the check below can tell the two apart
+        served = serve(images=tf.constant([png16(values)]))["probabilities"].numpy()[0]
+        np.testing.assert_allclose(served, expected, atol=1e-5)
+        rows = printed[5 * image:5 * image + 5]
+        assert [name for _, _, name in rows] == [TINY_NAMES[i] for i in np.argsort(-expected)]
+        assert all(abs(float(score) - served[TINY_NAMES.index(name)]) <= 1e-4 for _, score, name in rows)
+
+
+def test_the_decoder_reads_16_bit_samples_as_their_high_byte():
+    """Independently of any model: the pixels both paths get from 16-bit PNGs."""
+    for values in (GREY16, COLOUR16):
+        decoded = images.decode(png16(values)).numpy()
+        expected = values >> 8
+        expected = np.repeat(expected[..., None], 3, axis=-1) if values.ndim == 2 else expected
+        np.testing.assert_array_equal(decoded, expected)
+
+
+LIGHT_START = textwrap.dedent(
+    """
+    import contextlib, io, sys
+    from keras_vit import cli
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        cli.build_parser()
+        assert cli.main(["list"]) == 0
+    assert "ViT_B16" in out.getvalue() and "in21k" in out.getvalue()
+    heavy = sorted(name for name in ("keras", "tensorflow", "jax", "torch") if name in sys.modules)
+    assert not heavy, heavy
+    # Keras imported after keras_vit: the layers register with it all the same.
+    import keras
+    model = keras.saving.load_model(sys.argv[1])
+    print("loaded", type(model.get_layer("patch_embed")).__module__)
+    """
+)
+
+
+def test_help_and_list_start_without_tensorflow(files, tmp_path):
+    """`keras-vit --help` and `keras-vit list` import neither Keras nor
+    TensorFlow (so they print nothing on stderr and start at once), and
+    `import keras_vit` still registers the layers for keras.saving.load_model."""
+    env = {key: value for key, value in ENV.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    for argv in (["--help"], ["list"]):
+        completed = subprocess.run([sys.executable, "-m", "keras_vit", *argv], capture_output=True, text=True,
+                                   timeout=60, cwd=ROOT, env=env)
+        assert completed.returncode == 0 and completed.stdout, completed.stderr
+        assert completed.stderr == "", completed.stderr
+    completed = subprocess.run([sys.executable, "-c", LIGHT_START, files["tiny"]], capture_output=True, text=True,
+                               timeout=300, cwd=ROOT, env=ENV)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "loaded keras_vit.layers"
+
+
 def test_console_script_and_module_entry_points(tmp_path):
     for command in ([CONSOLE_SCRIPT], [sys.executable, "-m", "keras_vit", "predict", str(tmp_path / "gone.png")]):
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV)
         lines = _cli_lines(completed.stderr)
         assert completed.returncode == 2
         assert len(lines) == 1 and "error:" in lines[0], completed.stderr
@@ -243,16 +378,15 @@ def test_predict_matches_the_model_and_explains(files, tmp_path):
     completed = subprocess.run(
         [CONSOLE_SCRIPT, "predict", *EXAMPLE_IMAGES, "--model", files["tiny"], "--labels", files["names"],
          "--top", "2", "--explain", "why.png"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV,
     )
     assert completed.returncode == 0, completed.stderr
     assert _cli_lines(completed.stderr) == []
     printed = re.findall(r"^  ([12])\. (\d\.\d{4})  (\w+)$", completed.stdout, flags=re.MULTILINE)
 
     expected = []
-    for path in EXAMPLE_IMAGES:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    for path in EXAMPLE_IMAGES:  # decoded as serving_default and the official input pipeline decode them
+        pixels = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
         resized = tf.image.resize(pixels[None], (32, 32), method="bilinear").numpy()
         scores = model.predict(resized, verbose=0)[0]
         for rank, index in enumerate(np.argsort(-scores)[:2], 1):

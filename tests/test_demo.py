@@ -6,6 +6,7 @@ The full demo (25 epochs, exit status 1 below its 95% bar) is not run here:
 
 import io
 import os
+import re
 
 import keras
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 from PIL import Image
 
 from keras_vit import data, demo
+
+tf = pytest.importorskip("tensorflow")
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the demo exports for TF Serving")
 
@@ -38,7 +41,7 @@ def test_training_learns():
 
 
 def test_run_writes_everything_and_reports_real_numbers(tmp_path, capsys):
-    result = demo.run(str(tmp_path / "out"), epochs=1, examples=4)
+    result = demo.run(str(tmp_path / "out"), epochs=1, examples=4, accuracy_bar=0.0)  # 1 epoch: any accuracy
     err = capsys.readouterr().err
     assert "training" in err and "23/23" in err  # the progress bar: 1437 digits / 64 per step
     paths = result["paths"]
@@ -54,6 +57,38 @@ def test_run_writes_everything_and_reports_real_numbers(tmp_path, capsys):
     assert result["truth"] == [demo.CLASS_NAMES[i] for i in test_y[:4]]
     with Image.open(paths["attention"]) as picture:
         assert picture.format == "PNG" and picture.height >= 4 * 32
+
+    # The saved model's class names go with it: `keras-vit predict` and `export` print digits, not class_7.
+    from keras_vit import cli
+
+    assert paths["labels"] == str(tmp_path / "out" / "digits_vit.labels.txt")
+    digit = tmp_path / "digit.png"
+    digit.write_bytes(demo.encode_png(test_x[0]))
+    assert cli.main(["predict", str(digit), "--model", paths["model"], "--top", "10"]) == 0
+    printed = re.findall(r"^  \d+\. \d\.\d{4}  (.+)$", capsys.readouterr().out, flags=re.MULTILINE)
+    assert sorted(printed) == demo.CLASS_NAMES
+    assert cli.main(["export", paths["model"], str(tmp_path / "export")]) == 0
+    exported = tf.saved_model.load(str(tmp_path / "export" / "1"))
+    assert [name.decode() for name in exported.class_names.numpy()] == demo.CLASS_NAMES
+
+
+def test_a_run_below_its_bar_publishes_nothing(tmp_path, monkeypatch, capsys):
+    """Run again into the same folder, a model below the bar must not replace the
+    good one nor add an export version (TF Serving serves the highest)."""
+    from keras_vit import cli
+
+    out = tmp_path / "out"
+    (out / "serving" / "1").mkdir(parents=True)
+    for name in ("digits_vit.keras", "digits_vit.labels.txt", "attention.png"):
+        (out / name).write_text("an earlier run's")
+    before = sorted((path.relative_to(out), path.read_bytes() if path.is_file() else None) for path in out.rglob("*"))
+    monkeypatch.setattr(demo, "train", lambda *args, **kwargs: None)  # untrained: about 10%
+    assert cli.main(["demo", "--output-dir", str(out)]) == 1
+    assert "below the demo's 95% bar: nothing was saved or exported" in capsys.readouterr().err
+    assert sorted((path.relative_to(out), path.read_bytes() if path.is_file() else None)
+                  for path in out.rglob("*")) == before
+    assert demo.run(str(tmp_path / "new"), progress=False)["paths"] is None
+    assert not (tmp_path / "new").exists()
 
 
 def test_encode_png_is_lossless():

@@ -6,11 +6,14 @@ KERAS_VIT_BASE_URL points keras_vit at it. The server counts the requests it
 gets, so "the second load uses the cache" is checked, not assumed.
 """
 
+import builtins
 import contextlib
+import errno
 import http.server
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -217,6 +220,233 @@ def test_two_processes_end_with_one_good_file(server):
     assert server.requests == [TINY_FILE], "the second process waited and used the first one's file"
     assert open(paths.pop(), "rb").read() == served_bytes(server)
     assert cache_files() == ["testing/tiny.npz", "testing/tiny.npz.sha256"]
+
+
+@contextlib.contextmanager
+def read_only(folder, monkeypatch):
+    """Every write under `folder` fails as on a read-only mount (EROFS). The
+    tests run as root, whom chmod does not stop, so the file functions that
+    write are wrapped; yields the list of write attempts, which must stay empty
+    when nothing needs writing."""
+    folder = os.path.realpath(folder)
+    attempts = []
+
+    def refuse(path, operation):
+        path = os.path.realpath(os.fspath(path))
+        if path == folder or path.startswith(folder + os.sep):
+            attempts.append((operation, path))
+            raise OSError(errno.EROFS, "Read-only file system", path)
+
+    def guard(function, operation, writes=lambda *args, **kwargs: True):
+        def guarded(path, *args, **kwargs):
+            if isinstance(path, (str, bytes, os.PathLike)) and writes(*args, **kwargs):
+                refuse(path, operation)
+            return function(path, *args, **kwargs)
+        return guarded
+
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "open", guard(builtins.open, "open", lambda mode="r", *a, **k: set(mode) & set("wax+")))
+        patch.setattr(os, "open", guard(os.open, "os.open", lambda flags, *a, **k: flags & write_flags))
+        patch.setattr(os, "makedirs", guard(os.makedirs, "makedirs", lambda *a, **k: True))
+        for name in ("mkdir", "remove", "unlink", "replace", "rename", "chmod", "utime"):
+            patch.setattr(os, name, guard(getattr(os, name), name))
+        yield attempts
+
+
+def snapshot(folder):
+    """{relative path: (size, mtime)} of every file under `folder`."""
+    found = {}
+    for where, _, names in os.walk(folder):
+        for name in names:
+            info = os.stat(os.path.join(where, name))
+            found[os.path.relpath(os.path.join(where, name), folder)] = (info.st_size, info.st_mtime_ns)
+    return found
+
+
+def test_a_complete_cache_on_a_read_only_mount_is_used_without_writing(server, monkeypatch):
+    """A shared read-only cache (a model store, a container image): a verified
+    file loads, with no write attempted (no lock file either); what would need
+    a write is one line saying the cache is read-only and what to do."""
+    path = download.fetch(TINY_FILE, progress=False)
+    os.remove(path + download.LOCK_SUFFIX)  # as a cache made elsewhere and copied in: file + .sha256
+    before = snapshot(download.cache_dir())
+    model = keras_vit.ViT(**TINY, input_shape=(32, 32, 3), classes=5)
+    entry = registry.Checkpoint(tag="test", architecture="vit", file=TINY_FILE, resolution=32, classes=5,
+                                labels="imagenet1k")
+    with read_only(download.cache_dir(), monkeypatch) as attempts:
+        assert download.fetch(TINY_FILE, progress=False) == path
+        pretrained.load_registered(model, entry, progress=False)
+        assert attempts == [] and server.requests == [TINY_FILE]
+        with pytest.raises(OSError) as excinfo:
+            download.fetch("testing/other.npz", progress=False)
+        message = one_line(excinfo)
+        assert "read-only (Read-only file system)" in message and download.CACHE_ENV in message
+        assert "testing/other.npz" in message
+    assert snapshot(download.cache_dir()) == before
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("predictions").kernel),
+                                  np.load(path)["head/kernel"])
+
+    # A damaged file in a read-only cache: one line saying it cannot be removed, nothing else.
+    data = bytearray(open(path, "rb").read())
+    data[100] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with read_only(download.cache_dir(), monkeypatch):
+        with pytest.raises(OSError) as excinfo:
+            download.fetch(TINY_FILE, progress=False)
+    message = one_line(excinfo)
+    assert "is corrupt" in message and "read-only" in message and "stays there" in message
+    assert os.path.exists(path)
+
+
+def test_a_real_read_only_mount(server, tmp_path):
+    """The same on a real read-only bind mount (EROFS, as the report saw), in a
+    child process with its own mount namespace, where this machine allows one."""
+    path = download.fetch(TINY_FILE, progress=False)
+    os.remove(path + download.LOCK_SUFFIX)
+    before = snapshot(download.cache_dir())
+    script = tmp_path / "child.py"
+    script.write_text(FETCH_IN_SUBPROCESS)
+    cache = download.cache_dir()
+    mount = f"mount --bind -o ro {cache} {cache}"
+    try:
+        probe = subprocess.run(["unshare", "--mount", "sh", "-c", f"{mount} && ! touch {cache}/probe 2>/dev/null"],
+                               capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if probe.returncode != 0:
+        pytest.skip(f"no read-only bind mount here: {probe.stderr.strip()}")
+    completed = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"{mount} && {sys.executable} {script} {download.__file__} {TINY_FILE}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == path
+    assert snapshot(cache) == before
+
+
+def test_an_accepted_hash_sticks(server, monkeypatch):
+    """The registry's hash no longer matches (the file changed upstream): the
+    file is refused until the caller accepts its hash, then used from the cache
+    without it, instead of being called corrupt and deleted."""
+    new = download.sha256_of(os.path.join(server.root, TINY_FILE))
+    old = "ab" * 32  # what the registry says
+    with pytest.raises(ValueError) as excinfo:
+        download.fetch(TINY_FILE, sha256=old, progress=False)
+    assert "pass expected_sha256 (keras-vit: --sha256) to accept it" in one_line(excinfo)
+    path = download.fetch(TINY_FILE, sha256=old, expected_sha256=new, progress=False)
+    assert open(path + download.HASH_SUFFIX).read().split() == [new, download.ACCEPTED]
+    assert download.fetch(TINY_FILE, sha256=old, progress=False) == path
+    assert download.fetch(TINY_FILE, sha256=old, expected_sha256=new, progress=False) == path
+    assert server.requests == [TINY_FILE, TINY_FILE] and cache_files() == [TINY_FILE, TINY_FILE + ".sha256"]
+    # Accepting a hash for a file cached before (under the registry's hash) also sticks.
+    download.remove_cached(TINY_FILE)
+    download.fetch(TINY_FILE, progress=False)
+    open(path + download.HASH_SUFFIX, "w").write(new + "\n")
+    with pytest.raises(ValueError, match="is corrupt"):
+        download.fetch(TINY_FILE, sha256=old, progress=False)  # the registry wins over a plain record
+    download.fetch(TINY_FILE, progress=False)
+    download.fetch(TINY_FILE, sha256=old, expected_sha256=new, progress=False)
+    assert download.fetch(TINY_FILE, sha256=old, progress=False) == path
+
+
+def test_the_command_line_accepts_a_changed_file_once(tmp_path, monkeypatch, capsys):
+    """The report's steps: the registry's hash no longer matches the served
+    file; `convert TAG ... --sha256 H` accepts it; then `predict --weights TAG`
+    (no --sha256) uses the cached file, also from a read-only cache."""
+    from keras_vit import cli
+
+    entry = registry.find_checkpoint("augreg_in21k+in1k", "ViT_Ti16")
+    assert entry.sha256 is not None  # a registry hash, which the generated file cannot have
+    root = tmp_path / "bucket"
+    (root / entry.file).parent.mkdir(parents=True)
+    write_checkpoint(root / entry.file, official_arrays(**keras_vit.VARIANTS["Ti/16"], image_size=entry.resolution,
+                                                        classes=entry.classes))
+    new = download.sha256_of(root / entry.file)
+    server = CheckpointServer(str(root))
+    monkeypatch.setenv(download.BASE_URL_ENV, server.url)
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    image = os.path.join(os.path.dirname(__file__), "..", "examples", "images", "cat.jpg")
+    predict = ["predict", image, "--model", "ViT_Ti16", "--weights", entry.tag, "--top", "1"]
+    try:
+        assert cli.main(predict) == 2
+        assert f"expected {entry.sha256}" in capsys.readouterr().err
+        assert cli.main(["convert", entry.tag, str(tmp_path / "ti16.keras"), "--model", "ViT_Ti16",
+                         "--sha256", new]) == 0
+        assert cli.main(predict) == 0
+        with read_only(download.cache_dir(), monkeypatch) as attempts:
+            assert cli.main(predict) == 0
+        assert attempts == []
+    finally:
+        server.stop()
+    assert server.requests == [entry.file, entry.file]  # the refused download, the accepted one
+    assert "1. " in capsys.readouterr().out
+
+
+def test_cache_files_get_the_umask_permissions(server):
+    previous = os.umask(0o022)
+    try:
+        path = download.fetch(TINY_FILE, progress=False)
+    finally:
+        os.umask(previous)
+    for name in (path, path + download.HASH_SUFFIX):
+        assert os.stat(name).st_mode & 0o777 == 0o644, oct(os.stat(name).st_mode)
+
+
+def test_a_download_killed_with_sigkill_leaves_no_partial_file(server, tmp_path):
+    server.delay = 0.2  # a few seconds per transfer: killed half-way
+    script = tmp_path / "child.py"
+    script.write_text(FETCH_IN_SUBPROCESS)
+    child = subprocess.Popen([sys.executable, str(script), download.__file__, TINY_FILE],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = os.path.dirname(download.cached_path(TINY_FILE))
+    deadline = time.monotonic() + 60
+    while not (os.path.isdir(folder) and any(n.endswith(".part") for n in os.listdir(folder))):
+        assert time.monotonic() < deadline and child.poll() is None, "the child never started writing"
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=60)
+    assert any(name.endswith(download.PARTIAL_SUFFIX) for name in os.listdir(folder))
+    server.delay = 0.0
+    path = download.fetch(TINY_FILE, progress=False)
+    assert sorted(os.listdir(folder)) == sorted(os.path.basename(path) + s for s in ("", ".sha256", ".lock"))
+    assert open(path, "rb").read() == served_bytes(server)
+
+
+def test_a_process_waiting_for_the_lock_says_so(server, tmp_path):
+    import fcntl
+
+    path = download.cached_path(TINY_FILE)
+    os.makedirs(os.path.dirname(path))
+    script = tmp_path / "child.py"
+    script.write_text(FETCH_IN_SUBPROCESS.replace("progress=False", "progress=True"))
+    with open(path + download.LOCK_SUFFIX, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        child = subprocess.Popen([sys.executable, str(script), download.__file__, TINY_FILE],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = []  # the child's first stderr line, said while it waits (read in a thread: it may say nothing)
+        reader = threading.Thread(target=lambda: lines.append(child.stderr.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=30)
+        fcntl.flock(held, fcntl.LOCK_UN)
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 0 and out.strip() == path
+    assert lines and lines[0].startswith(f"keras_vit: waiting for another process to finish {TINY_FILE} (lock ")
+
+
+def test_a_cached_file_of_another_architecture_is_removed(server):
+    """A wrong file accepted into the cache (its recorded hash matches, so it
+    is not "corrupt"): the error says it came from the cache, and it is removed."""
+    entry = registry.Checkpoint(tag="test", architecture="ViT_Ti16", file=TINY_FILE, resolution=32, classes=5,
+                                labels="imagenet1k")
+    download.fetch(TINY_FILE, progress=False)
+    model = keras_vit.ViT_Ti16(input_shape=(32, 32, 3), classes=5)
+    with pytest.raises(ValueError) as excinfo:
+        pretrained.load_registered(model, entry, progress=False)
+    message = one_line(excinfo)
+    assert f"The cached {TINY_FILE} ({download.cached_path(TINY_FILE)}) is not the ViT_Ti16 checkpoint" in message
+    assert "width 32 in the file vs 192 in ViT_Ti16" in message and "removed from the cache" in message
+    assert cache_files() == []
 
 
 def test_cached_file_loads_with_the_server_gone(server):

@@ -142,10 +142,43 @@ def test_few_shot_reads_big_vision_splits_of_a_tfds_dataset(tmp_path):
     import tensorflow_datasets as tfds
 
     model = harness.tiny_vit(classes=21)
-    with tfds.testing.mock_data(num_examples=60, data_dir=str(tmp_path)):
-        results = evaluation.few_shot(model, ["dtd"], shots=(1, 2), seeds=(0,), batch_size=16, verbose=0)
+    with tfds.testing.mock_data(num_examples=200, data_dir=str(tmp_path)):  # 200: one of each class at least
+        results = evaluation.few_shot(model, ["dtd"], shots=(1,), seeds=(0,), batch_size=16, verbose=0)
     assert results["dtd"]["num_classes"] == 47
-    assert results["dtd"]["train_examples"] == results["dtd"]["test_examples"] == 60
+    assert results["dtd"]["train_examples"] == results["dtd"]["test_examples"] == 200
+
+
+def test_too_few_images_per_class_for_the_shots_is_one_line():
+    """digits has 143 training images of its rarest class: 500-shot was a silent
+    "143-shot" result ("88.61 ± 0.00"), now an error naming the class and counts."""
+    labels = data.digits()[0][1]
+    counts = np.bincount(labels)
+    with pytest.raises(ValueError) as excinfo:
+        evaluation.check_shots("digits", labels, (1, 500), 10)
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert (f"digits: 500-shot needs 500 training images of every class, and class {np.argmin(counts)} has "
+            f"{counts.min()}") in message
+    evaluation.check_shots("digits", labels, (1, int(counts.min())), 10)  # the most it allows
+    with pytest.raises(ValueError, match="class 2 has 0"):
+        evaluation.check_shots("three", np.array([0, 1, 1, 0]), (1,), 3)
+
+
+def test_a_tfds_dataset_that_is_not_local_fails_at_once_offline(tmp_path, monkeypatch):
+    """Not prepared in data_dir and no download host answers (proxies that refuse,
+    so even a machine with network is offline here): one line at once, not
+    TFDS's minutes of retries."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # the discard port: nothing listens
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError) as excinfo:
+        data.source("cifar100", "train", data_dir=str(tmp_path))
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert f"cifar100 is not prepared in {tmp_path}" in message and "no host it downloads from answers" in message
+    assert "https://www.cs.toronto.edu/" in message and "--data-dir" in message
+    assert os.listdir(tmp_path) in ([], ["cifar100"]), "nothing downloaded"
 
 
 def test_unknown_few_shot_dataset_is_one_line():
@@ -203,6 +236,9 @@ def test_cli_evaluate_prints_the_few_shot_table(tmp_path, capsys):
     assert f"{100 * saved['mean']['5']:.2f} ± {100 * saved['std']['5']:.2f}" in row
     expected = evaluation.few_shot(model, ["digits"], shots=(1, 5), seeds=(0, 1), verbose=0)["digits"]
     assert saved["per_seed"]["1"]["5"] == expected["per_seed"][1][5]
+    assert cli.main(["evaluate", path, "--dataset", "digits", "--shots", "5,500"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "500-shot needs 500 training images of every class" in err, err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -337,6 +337,29 @@ def test_a_weights_file_keeps_its_head_when_the_classes_match(tmp_path, represen
         keras_vit.ViT(**{**TINY, "hidden_size": 16}, input_shape=(16, 16, 3), weights=path, classes=3)
 
 
+def test_a_weights_file_of_another_architecture_is_one_quiet_line(tmp_path):
+    """What differs, not Keras's "A total of N objects could not be loaded" and
+    four warnings; a file of the same architecture that still does not fit
+    keeps Keras's reason in the line."""
+    import warnings
+
+    path = str(tmp_path / "tiny.weights.h5")
+    keras_vit.ViT(**TINY, input_shape=(16, 16, 3), classes=3, representation_size=8).save_weights(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        with pytest.raises(ValueError) as excinfo:
+            keras_vit.ViT(**{**TINY, "hidden_size": 16, "num_heads": 2}, input_shape=(16, 16, 3), weights=path)
+        message = str(excinfo.value)
+        assert "\n" not in message
+        assert "width 32 in the file vs 16 in the model" in message
+        assert "build keras_vit.ViT(patch_size=4, hidden_size=32, depth=2, num_heads=2, mlp_dim=64)" in message
+        with pytest.raises(ValueError) as excinfo:  # same architecture, another pre_logits width
+            keras_vit.ViT(**TINY, input_shape=(16, 16, 3), weights=path, representation_size=4)
+    message = str(excinfo.value)
+    assert "\n" not in message and "A total of" not in message
+    assert "value.shape=(32, 8)" in message and "Target variable" not in message, message
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(target="colour"), "Unknown target 'colour'"),
     (dict(corruption_rate=0), "corruption_rate must be in"),

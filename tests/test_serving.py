@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 import keras_vit
-from keras_vit import labels, runtimes, serving
-from harness import randomize_head, tiny_vit
+from keras_vit import images, labels, runtimes, serving
+from harness import png, randomize_head, tiny_vit
 
 tf = pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TF Serving export is TensorFlow")
@@ -329,10 +329,43 @@ def test_jpeg_is_decoded_and_resized_as_the_official_evaluation(exported, loaded
     assert np.abs(served["probabilities"].numpy() - expected).max() <= TOLERANCE
 
 
+def _encoded(image, format, **options):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def _webp():
+    return _encoded(np.zeros((8, 8, 3), np.uint8), "WEBP")
+
+
+def test_the_size_of_each_format_is_read_from_its_header():
+    """What the pixel bound relies on: (height, width) from the header, as the decoder reads it."""
+    image = _pixels(1)[0]  # 32x48
+    for name, encoded in [("JPEG", _encoded(image, "JPEG")), ("PNG", _png(image)), ("GIF", _encoded(image, "GIF")),
+                          ("BMP", _encoded(image, "BMP")), ("PNG", png(60_000_000, 1))]:
+        index, height, width = (int(value) for value in images.inspect(tf.constant(encoded)))
+        assert images.FORMATS[index][0] == name
+        expected = (1, 60_000_000) if len(encoded) < 100 else SHAPE[:2]
+        assert (height, width) == expected, name
+        if len(encoded) >= 100:
+            assert images.decode(tf.constant(encoded)).shape == SHAPE
+    bmp = bytearray(_encoded(image, "BMP"))
+    bmp[22:26] = (-32).to_bytes(4, "little", signed=True)  # a top-down BMP stores a negative height
+    assert [int(v) for v in images.inspect(tf.constant(bytes(bmp)))] == [3, 32, 48]
+    assert [int(v) for v in images.inspect(tf.constant(_webp()))] == [-1, 0, 0]
+
+
 @pytest.mark.parametrize(
     "signature, images, problem",
     [
         ("serving_default", np.array([b"this is not an image"]), "not a JPEG, PNG, GIF or BMP image"),
+        # keras-vit predict refuses the same (keras_vit.images): WebP, and more than 40 million pixels
+        ("serving_default", np.array([_webp()]), "not a JPEG, PNG, GIF or BMP image"),
+        ("serving_default", np.array([png(20000, 20000)]), "larger than 40,000,000 pixels"),
+        ("serving_default", np.array([png(60_000_000, 1)]), "larger than 40,000,000 pixels"),
+        ("serving_default", np.array([b"GIF89a" + (65535).to_bytes(2, "little") * 2 + b"\0" * 20]),
+         "larger than 40,000,000 pixels"),
         ("serving_default", np.array([], dtype=bytes), "empty batch"),
         ("serving_default", np.array([[b"x"]]), "expected a rank-1"),
         ("serve_pixels", np.zeros(SHAPE, "uint8"), "expected a rank-4"),

@@ -103,3 +103,33 @@ def test_setup_cfg_ships_every_subpackage():
     listed = set(config["options"]["packages"].split())
     packages = {_module_name(init) for init in PACKAGE_DIR.rglob("__init__.py")}
     assert packages <= listed, packages - listed
+
+
+def test_constructors_follow_the_keras_free_table():
+    from keras_vit import variants
+
+    assert list(keras_vit.CONSTRUCTORS) == list(variants.CONSTRUCTOR_VARIANTS)
+    for name, constructor in keras_vit.CONSTRUCTORS.items():
+        assert constructor.variant == variants.CONSTRUCTOR_VARIANTS[name]
+        assert constructor.config == variants.variant_config(constructor.variant)
+
+
+def test_layers_register_when_keras_comes_in_through_a_keras_vit_module():
+    """`from keras_vit import views` imports Keras half-way through its own
+    import: the modules registering serializables (which import views) are
+    imported once it is done, not before (that would fail), nor never."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, keras_vit\n"
+        "from keras_vit import views\n"
+        "import keras\n"
+        "missing = [m for m in keras_vit._REGISTERING if m not in sys.modules]\n"
+        "assert not missing, missing\n"
+        "for name in ('PatchEncoder', 'ResNetStem', 'MaskedPatchPrediction', 'WarmupDecay'):\n"
+        "    assert keras.saving.get_registered_object('keras_vit>' + name) is not None, name\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                               cwd=PACKAGE_DIR.parent)
+    assert completed.returncode == 0, completed.stderr[-3000:]

@@ -9,6 +9,8 @@ from keras_vit.evaluation.fewshot import (
     FEWSHOT_DATASETS,
     SEEDS,
     SHOTS,
+    check_shots,
+    dataset_sources,
     features,
     few_shot,
     format_results,

@@ -152,14 +152,15 @@ def few_shot(model, datasets, shots=SHOTS, seeds=SEEDS, l2_reg=DEFAULT_L2_REG, b
     size = model.input_shape[1]
     value_range = data.input_range(model)
     results = {}
+    def embed(source):
+        return features(model, data.eval_dataset(source, size, batch_size, value_range=value_range,
+                                                  crop_fraction=crop_fraction, keep_aspect=False),
+                        strategy=strategy, verbose=verbose)
+
     for name, (train, test) in datasets.items():
-        embedded = [
-            features(model, data.eval_dataset(source, size, batch_size, value_range=value_range,
-                                              crop_fraction=crop_fraction, keep_aspect=False),
-                     strategy=strategy, verbose=verbose)
-            for source in (train, test)
-        ]
-        (train_x, train_y), (test_x, test_y) = embedded
+        train_x, train_y = embed(train)
+        check_shots(name, train_y, shots, train.num_classes)  # before the test set is embedded
+        test_x, test_y = embed(test)
         per_seed = {}
         for seed in seeds:
             per_seed[seed] = {
@@ -175,6 +176,21 @@ def few_shot(model, datasets, shots=SHOTS, seeds=SEEDS, l2_reg=DEFAULT_L2_REG, b
             "test_examples": len(test_y),
         }
     return results
+
+
+def check_shots(name, labels, shots, num_classes):
+    """Raises a one-line ValueError when a class of `name`'s few-shot train
+    set has fewer images than the largest k of `shots` (sample_shots would
+    give it all it has: a k-shot result that is not one)."""
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
+    needed = max(shots)
+    fewest = int(np.argmin(counts))
+    if counts[fewest] < needed:
+        raise ValueError(
+            f"{name}: {needed}-shot needs {needed} training images of every class, and class {fewest} has "
+            f"{counts[fewest]} ({int(np.sum(counts < needed))} of {num_classes} classes have fewer than {needed}): "
+            f"use shots of at most {counts[fewest]} (--shots)."
+        )
 
 
 def format_results(results):
