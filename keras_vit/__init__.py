@@ -26,7 +26,7 @@ One module per concept:
     demo         the offline digits demo (`keras-vit demo`)
     cli          the `keras-vit` command line
     errors       one-line user errors
-    tables       text tables for the CLI and README
+    tables       text tables for the CLI and the docs
 """
 
 from keras_vit import evaluation, hybrid, layers, pretraining, sizes, training, visualize
