@@ -28,7 +28,7 @@ One module per concept:
     demo         the offline digits demo (`keras-vit demo`)
     cli          the `keras-vit` command line
     errors       one-line user errors
-    tables       text tables for the CLI and README
+    tables       text tables for the CLI and the docs
 
 Importing keras_vit imports no Keras and no TensorFlow (the `keras-vit`
 command line starts in a fraction of a second): each name below loads its

@@ -47,6 +47,8 @@ EVAL_FOLDER_NAMES = ("val", "validation", "test")
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSplits:
+    """A TFDS dataset's training and evaluation splits (TFDS split strings)."""
+
     train: Optional[str]  # None: an evaluation-only dataset
     eval: str
 
@@ -90,6 +92,7 @@ class Source:
 
 
 def available_datasets():
+    """The dataset names `source` knows besides image folders: the TFDS ones and "digits"."""
     return list(TFDS_SPLITS) + [DIGITS]
 
 
@@ -556,6 +559,9 @@ def inception_crop(image, image_size, area_range=(0.05, 1.0), seed=(0, 0)):
 
 
 def center_crop(image, image_size, crop_fraction=1.0, keep_aspect=True):
+    """The central `image_size` square of the image resized to `image_size /
+    crop_fraction` (its shorter side with `keep_aspect`, else both sides);
+    `crop_fraction=1` resizes the whole image to `image_size` square."""
     if crop_fraction >= 1.0:
         return tf.image.resize(image, (image_size, image_size))
     if keep_aspect:

@@ -84,8 +84,10 @@ def ViT(
 
     Args:
         patch_size: side of the square patches (or a (rows, cols) pair).
-        hidden_size: token width. depth: number of Transformer blocks.
-        num_heads: attention heads per block. mlp_dim: hidden size of each MLP.
+        hidden_size: token width.
+        depth: number of Transformer blocks.
+        num_heads: attention heads per block.
+        mlp_dim: hidden size of each MLP.
         representation_size: width of the tanh `pre_logits` layer before the
             head (the ImageNet-21k checkpoints have one); None for none.
 {application_args}

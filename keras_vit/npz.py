@@ -340,8 +340,9 @@ def load_npz(model, path, *, new_head=False, drop_pre_logits=False, expected_sha
         expected_sha256: check the file's SHA-256 first.
 
     Raises:
-        ValueError naming the keys and shapes when the checkpoint and the model
-        do not match one to one (see the module docstring for the exceptions).
+        ValueError: naming the keys and shapes, when the checkpoint and the
+            model do not match one to one (see the module docstring for the
+            exceptions).
     """
     path = os.fspath(path)
     if expected_sha256 is not None:

@@ -220,6 +220,13 @@ def augreg_checkpoint(name):
                       file=file, resolution=int(match["side"] or 224), classes=classes, labels=labels)
 
 
+def accuracy_sources():
+    """The sources of the reported ImageNet top-1 figures, in registry order:
+    marker [n] is source n - 1 in every table (the whole registry's, one
+    architecture's, the docs' short one)."""
+    return list(dict.fromkeys(e.accuracy_source for e in registry() if e.accuracy_source))
+
+
 def list_weights(print_table=True, architecture=None, markdown=False):
     """The registry as a table (tag, architecture, resolution, classes,
     pre_logits, reported ImageNet top-1); printed unless print_table=False.
@@ -227,7 +234,7 @@ def list_weights(print_table=True, architecture=None, markdown=False):
     Args:
         print_table: print the table as well as return it.
         architecture: only the checkpoints of this constructor ("ViT_B16").
-        markdown: a Markdown table (the README's) instead of plain text.
+        markdown: a Markdown table (the docs' full registry) instead of plain text.
     """
     entries = [e for e in registry() if architecture in (None, e.architecture)]
     first_row = {}
@@ -236,13 +243,12 @@ def list_weights(print_table=True, architecture=None, markdown=False):
     entries.sort(key=lambda e: first_row[e.architecture])  # grouped by architecture, registry order within
     if architecture is not None and not entries:
         raise ValueError(f"No checkpoints for {architecture!r}; see keras_vit.list_weights().")
-    sources = list(dict.fromkeys(e.accuracy_source for e in entries if e.accuracy_source))
     header = ("architecture", "tag", "resolution", "classes", "pre_logits", "ImageNet top-1", "file")
     rows = [header]
     for e in entries:
         accuracy = "-"
         if e.imagenet_top1 is not None:
-            accuracy = f"{e.imagenet_top1:.2f} [{sources.index(e.accuracy_source) + 1}]"
+            accuracy = f"{e.imagenet_top1:.2f} [{accuracy_sources().index(e.accuracy_source) + 1}]"
         rows.append((
             e.architecture,
             e.tag,
@@ -252,7 +258,8 @@ def list_weights(print_table=True, architecture=None, markdown=False):
             accuracy,
             e.file,
         ))
-    notes = [f"[{i + 1}] {source}" for i, source in enumerate(sources)]
+    shown = {e.accuracy_source for e in entries}
+    notes = [f"[{i + 1}] {source}" for i, source in enumerate(accuracy_sources()) if source in shown]
     if markdown:
         table = format_table(rows, markdown=True, code_columns=(1, 6)) + "\n\n" + "\n".join(n + "  " for n in notes)
     else:

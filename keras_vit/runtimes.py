@@ -51,6 +51,8 @@ ONNX_MAX_BYTES = 2**31 - 1
 
 
 class Runtime(NamedTuple):
+    """One serving format: its file, what writes, runs and quantizes it, its setup.cfg extra."""
+
     title: str  # as users know it
     model_file: str  # in the version folder
     export_needs: tuple  # modules that write the file
@@ -232,6 +234,7 @@ def _finish_onnx(path, quantize, pixels_per_token):
 
 
 def write_labels(folder, class_names):
+    """Writes `labels.txt` into an export's version folder: one class name per line."""
     with open(os.path.join(folder, LABELS_FILE), "w", encoding="utf-8") as file:
         file.write("".join(f"{name}\n" for name in class_names))
 

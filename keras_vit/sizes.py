@@ -65,6 +65,7 @@ def multiply_accumulates(patch_size, hidden_size, depth, num_heads, mlp_dim, ima
 
 
 def root_width(width_factor=1):
+    """Features of the root convolution and of the first stage: ROOT_WIDTH x width_factor."""
     return int(ROOT_WIDTH * width_factor)
 
 
@@ -74,6 +75,7 @@ def total_stride(block_sizes):
 
 
 def output_channels(block_sizes, width_factor=1):
+    """Channels of the ResNet's output feature map (the patches' input)."""
     width = root_width(width_factor)
     return 4 * width * 2 ** (len(block_sizes) - 1) if block_sizes else width
 

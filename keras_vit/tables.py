@@ -1,4 +1,4 @@
-"""Text tables for the CLI and the README: plain (aligned columns) or Markdown."""
+"""Text tables for the CLI and the docs: plain (aligned columns) or Markdown."""
 
 
 def format_table(rows, markdown=False, code_columns=()):

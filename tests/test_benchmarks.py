@@ -3,7 +3,7 @@
 The whole script's CPU smoke test, `bash benchmarks/gpu.sh --tiny`, runs three
 engines in three processes and compiles with XLA and torch.compile: 50 to 100 s
 on a 2-core machine, too long for the suite, so it is a documented command
-(README, "Speed"), not a test.
+(docs/guides/speed.md), not a test.
 """
 
 import importlib.util

@@ -1,4 +1,4 @@
-"""Measuring representations as the paper does.
+"""Measuring representations as the paper does. Its modules:
 
     linear    the closed-form ridge classifier on frozen features and the nested shot sampling
     fewshot   the few-shot protocol: features of a model, per-seed accuracies, the table

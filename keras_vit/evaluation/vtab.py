@@ -277,10 +277,12 @@ TASK_SOURCE = "https://github.com/google-research/task_adaptation/tree/master/ta
 
 
 def group_tasks(group):
+    """The names of the tasks of one group ("natural", "specialized" or "structured")."""
     return [name for name, task in TASKS.items() if task.group == group]
 
 
 def get_task(task):
+    """The `Task` a name designates (a `Task` is returned as it is); one task only."""
     if isinstance(task, Task):
         return task
     names = parse_tasks(task)

@@ -7,6 +7,8 @@
         trainer.compile(optimizer=recipe.optimizer, loss=recipe.loss, metrics=["accuracy"])
     keras_vit.training.train(trainer, lambda step: make_batches(step), recipe.total_steps, "runs/cifar10")
 
+Its modules:
+
     recipes     the paper's schedules, losses and Table 3/4 presets; the self-supervised recipe
     trainer     `Trainer`: gradient accumulation and clipping under tf.distribute
     distribute  strategies by name; where each task of a multi-worker run writes

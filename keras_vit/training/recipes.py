@@ -105,6 +105,8 @@ class SigmoidCrossEntropy(keras.losses.Loss):
 
 @dataclasses.dataclass(frozen=True)
 class FinetunePreset:
+    """A dataset's fine-tuning run in Table 4: its steps, learning-rate sweep and warm-up."""
+
     total_steps: int
     learning_rates: tuple  # the paper's sweep
     warmup_steps: int = 500  # the official code's default
@@ -127,6 +129,8 @@ FINETUNE_WARMUP_STEPS = 500
 
 @dataclasses.dataclass(frozen=True)
 class PretrainPreset:
+    """A row of Table 3: the pre-training hyper-parameters of some variants on one dataset."""
+
     variants: tuple  # rows of keras_vit.VARIANTS (or hybrid names); "*" for all
     dataset: str
     epochs: int
@@ -155,6 +159,8 @@ PRETRAIN_PRESETS = (
 
 @dataclasses.dataclass(frozen=True)
 class PretrainDataset:
+    """A pre-training dataset's size and classes, as the paper gives them (Section 4.1)."""
+
     num_examples: int
     num_classes: int
     multi_label: bool
