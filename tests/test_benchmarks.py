@@ -12,8 +12,9 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_gpu_speed():
-    spec = importlib.util.spec_from_file_location("gpu_speed", os.path.join(ROOT, "benchmarks", "gpu_speed.py"))
+def load_benchmark(name):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -26,7 +27,7 @@ class Args:
 
 
 def test_table_prints_every_engine_and_the_jax_over_timm_ratio(capsys):
-    gpu_speed = load_gpu_speed()
+    gpu_speed = load_benchmark("gpu_speed")
     results = {
         ("keras-jax", "B16", "inference"): dict(img_s=[1000.0, 1100.0, 1200.0], warmup_s=20.0),
         ("timm", "B16", "inference"): dict(img_s=[900.0, 1000.0, 1000.0], warmup_s=40.0),
@@ -48,7 +49,7 @@ def test_table_prints_every_engine_and_the_jax_over_timm_ratio(capsys):
 def test_time_rounds_keeps_the_compile_out_of_the_rounds_and_stops_before_the_deadline():
     import time
 
-    gpu_speed = load_gpu_speed()
+    gpu_speed = load_benchmark("gpu_speed")
     calls = []
 
     def step():
@@ -63,13 +64,6 @@ def test_time_rounds_keeps_the_compile_out_of_the_rounds_and_stops_before_the_de
     assert len(speeds) == 1  # past the deadline: one round, so that a figure exists
 
 
-def load_serving_speed():
-    spec = importlib.util.spec_from_file_location("serving_speed", os.path.join(ROOT, "benchmarks", "serving_speed.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class ServingArgs:
     batch = 8
     rounds = 2
@@ -78,7 +72,7 @@ class ServingArgs:
 
 
 def test_serving_speed_compares_keras_vits_best_export_with_timms_best(capsys):
-    serving_speed = load_serving_speed()
+    serving_speed = load_benchmark("serving_speed")
     rounds = {
         "OpenVINO bf16": [dict(img_s=30.0, latency_ms=[40.0, 50.0]), dict(img_s=32.0, latency_ms=[42.0, 60.0])],
         "OpenVINO int8": [dict(img_s=50.0, latency_ms=[30.0, 31.0]), dict(img_s=52.0, latency_ms=[30.0, 90.0])],
