@@ -103,7 +103,7 @@ def make_distribution(spec, devices=None):
     per_model = int(count)
     if len(devices) % per_model:
         raise ValueError(
-            f"--distribution model:{per_model}: {len(devices)} devices do not split into models of {per_model}; "
+            f"Distribution model:{per_model}: {len(devices)} devices do not split into models of {per_model}; "
             f"use an N that divides {len(devices)}."
         )
     mesh = keras.distribution.DeviceMesh(
