@@ -160,8 +160,8 @@ def measure_step(spec, rounds=5, batch=16, image=64):
 
 def print_step_table(rows, machine):
     c = STEP_MODEL
-    print(f"Step time, ViT patch {c['patch_size']}, width {c['hidden_size']}, {c['depth']} blocks, {c['num_heads']} heads, "
-          f"MLP {c['mlp_dim']}, global batch 16 at 64x64, SGD; {machine}")
+    print(f"Step time, ViT patch {c['patch_size']}, width {c['hidden_size']}, {c['depth']} blocks, "
+          f"{c['num_heads']} heads, MLP {c['mlp_dim']}, global batch 16 at 64x64, SGD; {machine}")
     print(f"{'distribution':<13} {'median ms':>10} {'min ms':>8} {'compile s':>10} {'vs data':>8}")
     base = next((r["median_ms"] for r in rows if r["spec"] == "data"), None)
     for row in rows:
