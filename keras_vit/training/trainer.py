@@ -139,7 +139,7 @@ class Trainer(keras.Model):
             grads, non_trainable, metrics_variables = micro_step(x, y, sample_weight, non_trainable, metrics_variables)
         else:
             def split(t):  # (batch, ...) -> (batch / k, k, ...): micro-batch i is [:, i]
-                return None if t is None else jax.numpy.reshape(t, (-1, k) + tuple(t.shape[1:]))
+                return None if t is None else jax.numpy.reshape(jax.numpy.asarray(t), (-1, k) + tuple(t.shape[1:]))
 
             xs, ys, ws = jax.tree_util.tree_map(split, (x, y, sample_weight))
 
