@@ -1,6 +1,11 @@
 """What examples/finetune.py and examples/pretrain.py share: their absl flags,
 one-line errors, and the run itself (strategy -> data -> model -> train).
 
+On TensorFlow (the default) the run uses a tf.distribute strategy
+(--strategy); on JAX (KERAS_BACKEND=jax) a keras.distribution
+(--distribution data or model:N), started across processes from Keras's
+KERAS_DISTRIBUTION_* environment variables when they are set.
+
 The scripts differ only in their defaults and their recipe (see
 keras_vit.training); everything else, including fault tolerance, lives in
 keras_vit.training.train.
@@ -10,7 +15,7 @@ import ast
 import os
 import sys
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # tf.distribute needs it
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # tf.distribute needs it; KERAS_BACKEND=jax for --distribution
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
@@ -50,7 +55,13 @@ def define_flags(*, model, image_size, batch_size):
             lower_bound=0, upper_bound=1)
     _define("float", "mixup", None, "MixUp alpha (off by default)", lower_bound=0)
     _define("bool", "mixed_precision", False, "mixed_float16 on GPUs, mixed_bfloat16 elsewhere")
-    _define("enum", "strategy", "auto", "tf.distribute strategy", enum_values=list(training.STRATEGIES))
+    _define("enum", "strategy", "auto", "tf.distribute strategy (TensorFlow backend)",
+            enum_values=list(training.STRATEGIES))
+    _define("string", "distribution", None, "keras.distribution on the JAX backend (KERAS_BACKEND=jax): data "
+            "(DataParallel over every device) or model:N (ModelParallel: each model split over N devices by "
+            "keras_vit.training.layout_map, the batch over the others). Several processes (hosts): set "
+            "KERAS_DISTRIBUTION_JOB_ADDRESSES (the coordinator's host:port first), KERAS_DISTRIBUTION_NUM_PROCESSES "
+            "and KERAS_DISTRIBUTION_PROCESS_ID (0 on the coordinator) in each; --batch_size is global")
     _define("string", "tpu", None, "the TPU for --strategy tpu: a Cloud TPU name, or local on a TPU VM")
     _define("integer", "cpu_replicas", 0, "split the CPU into this many logical devices (tf.distribute without GPUs)",
             lower_bound=0)
@@ -102,18 +113,16 @@ def _setup(build_recipe):
 
     from keras_vit import data, models, training
 
-    if keras.backend.backend() != "tensorflow":
-        raise UsageError(f"these scripts use tf.distribute: set KERAS_BACKEND=tensorflow (it is {keras.backend.backend()})")
-    if FLAGS.cpu_replicas:
-        training.split_cpu(FLAGS.cpu_replicas)
-    strategy = training.make_strategy(FLAGS.strategy, FLAGS.tpu)
+    strategy = _strategy()
     on_tpu = FLAGS.strategy == "tpu"
     if FLAGS.mixed_precision:
-        import tensorflow as tf
+        if strategy.jax:
+            on_gpu = keras.distribution.list_devices()[0].startswith("gpu")
+        else:
+            import tensorflow as tf
 
-        keras.mixed_precision.set_global_policy(
-            "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
-        )
+            on_gpu = bool(tf.config.list_logical_devices("GPU"))
+        keras.mixed_precision.set_global_policy("mixed_float16" if on_gpu else "mixed_bfloat16")
     if FLAGS.model == "ViT":
         constructor, variant = models.ViT, "ViT"
     else:
@@ -187,11 +196,12 @@ def _setup(build_recipe):
         size,
         FLAGS.eval_batch_size or recipe.batch_size,
         value_range=value_range,
-        drop_remainder=on_tpu,  # TPUs need static shapes
+        # TPUs need static shapes; keras.distribution splits every batch evenly over its devices.
+        drop_remainder=on_tpu or strategy.distribution is not None,
     )
     print(
         f"{FLAGS.model} on {train_source.name} ({train_source.num_classes} classes) at {size}x{size}, "
-        f"{replicas} replica(s) ({type(strategy).__name__}), XLA {'on' if trainer.jit_compile else 'off'}.\n"
+        f"{replicas} replica(s) ({strategy.name}), XLA {'on' if trainer.jit_compile else 'off'}.\n"
         f"{recipe.description}",
         flush=True,
     )
@@ -209,7 +219,8 @@ def _train(trainer, train_data, eval_data, eval_source, recipe, strategy):
         save_every=min(FLAGS.save_every, recipe.total_steps),
         eval_data=eval_data,
     )
-    directory = training.task_directory(FLAGS.model_dir, strategy)
+    directory = training.process_directory(FLAGS.model_dir) if strategy.jax else training.task_directory(
+        FLAGS.model_dir, strategy.tf_strategy)
     held_out = f"on {eval_source.name} ({eval_source.split}, {eval_source.num_examples or '?'} images)"
     if masked_patch_objective():
         # The encoder alone (no mask token, no prediction head), for examples/finetune.py --weights.
@@ -231,6 +242,69 @@ def _train(trainer, train_data, eval_data, eval_source, recipe, strategy):
 
 
 ENCODER_WEIGHTS = "encoder.weights.h5"
+
+
+class _Strategy:
+    """What the run needs of a tf.distribute strategy or a keras.distribution:
+    a scope, the replica count, a name."""
+
+    def __init__(self, tf_strategy=None, distribution=None):
+        import contextlib
+
+        from keras_vit import training
+
+        self.tf_strategy, self.distribution = tf_strategy, distribution
+        self.jax = tf_strategy is None
+        if tf_strategy is not None:
+            self.num_replicas_in_sync = tf_strategy.num_replicas_in_sync
+            self.name = type(tf_strategy).__name__
+        else:
+            self.num_replicas_in_sync = training.sharding.replicas(distribution)
+            self.name = "one device" if distribution is None else _describe(distribution)
+        self._owner = tf_strategy or distribution
+        self._nothing = contextlib.nullcontext
+
+    def scope(self):
+        return self._owner.scope() if self._owner is not None else self._nothing()
+
+
+def _describe(distribution):
+    mesh = distribution.device_mesh
+    shape = " x ".join(f"{size} {name}" for size, name in zip(mesh.shape, mesh.axis_names))
+    processes = f", {distribution.num_processes} processes" if distribution.num_processes > 1 else ""
+    return f"{type(distribution).__name__}, mesh {shape}{processes}"
+
+
+def _strategy():
+    """The run's tf.distribute strategy (TensorFlow) or keras.distribution (JAX), from the flags."""
+    import keras
+
+    from keras_vit import training
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        given = [f"--{name}" for name in ("strategy", "tpu", "cpu_replicas") if FLAGS[name].present]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)}: tf.distribute flags, for KERAS_BACKEND=tensorflow; on JAX use "
+                "--distribution data or --distribution model:N"
+            )
+        training.initialize()  # several processes: from the KERAS_DISTRIBUTION_* variables, if set
+        distribution = None
+        if FLAGS.distribution:
+            distribution = training.make_distribution(FLAGS.distribution)
+            keras.distribution.set_distribution(distribution)
+        return _Strategy(distribution=distribution)
+    if backend != "tensorflow":
+        raise UsageError(f"these scripts run on KERAS_BACKEND=tensorflow or jax (it is {backend})")
+    if FLAGS.distribution:
+        raise UsageError(
+            f"--distribution {FLAGS.distribution}: keras.distribution needs KERAS_BACKEND=jax; on TensorFlow use "
+            "--strategy (tf.distribute)"
+        )
+    if FLAGS.cpu_replicas:
+        training.split_cpu(FLAGS.cpu_replicas)
+    return _Strategy(tf_strategy=training.make_strategy(FLAGS.strategy, FLAGS.tpu))
 
 
 def masked_patch_objective():

@@ -1,7 +1,10 @@
-"""Fine-tunes a ViT with the paper's recipe (Appendix B.1.1), on any tf.distribute strategy.
+"""Fine-tunes a ViT with the paper's recipe (Appendix B.1.1), on any tf.distribute strategy
+or, on JAX, any keras.distribution.
 
     python examples/finetune.py --model ViT_B16 --weights <checkpoint tag or .npz> \\
         --dataset cifar10 --model_dir runs/cifar10 --strategy mirrored
+    KERAS_BACKEND=jax python examples/finetune.py --model ViT_H14 --weights in21k \\
+        --dataset cifar10 --model_dir runs/h14-cifar10 --distribution model:4
 
 SGD with momentum 0.9, no weight decay, global-norm clipping at 1, linear
 warm-up then cosine decay, batch 512 at 384x384, a new zero-initialised head;

@@ -1,7 +1,10 @@
-"""Pre-trains a ViT with the paper's recipe (Appendix B.1, Table 3), on any tf.distribute strategy.
+"""Pre-trains a ViT with the paper's recipe (Appendix B.1, Table 3), on any tf.distribute strategy
+or, on JAX, any keras.distribution.
 
     python examples/pretrain.py --model ViT_B16 --preset imagenet --dataset imagenet2012 \\
         --model_dir runs/b16-i1k --strategy tpu --tpu local
+    KERAS_BACKEND=jax python examples/pretrain.py --model ViT_L16 --preset imagenet --dataset imagenet2012 \\
+        --model_dir runs/l16-i1k --distribution model:8
 
 Adam (0.9, 0.999) with decoupled weight decay, batch 4096 at 224x224, 10k
 warm-up steps then linear decay (cosine and clipping at norm 1 for

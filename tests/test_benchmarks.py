@@ -91,3 +91,28 @@ def test_serving_speed_compares_keras_vits_best_export_with_timms_best(capsys):
     assert "batch 8, bf16, int8 allowed: keras_vit's best (OpenVINO int8) / timm's best (timm torch.compile bf16) = 2.04 (meets" in out
     assert "batch 8, float32: keras_vit's best (ONNX Runtime float32) / timm's best (timm eager float32) = 1.11 (meets" in out
     assert "batch 1 p50 latency: keras_vit's best (OpenVINO int8, 30.5 ms) / timm's best (timm torch.compile bf16, 44.5 ms) = 0.69 (meets" in out
+
+
+def test_model_parallel_memory_table_checks_the_split_and_the_ideal(capsys):
+    """benchmarks/model_parallel_memory.py's verdict, from made-up byte counts:
+    split kernels at 1/N and a total within 10% of ideal meet the goal; a
+    replicated part that pushes the total past 10% does not."""
+    bench = load_benchmark("model_parallel_memory")
+    gib = 1024**3
+
+    def row(n, replicated):
+        split_full = 8 * gib
+        return dict(size=n, params_per_device=split_full / n + replicated, split_per_device=split_full / n,
+                    split_full=split_full, replicated=replicated, optimizer_per_device=2 * (split_full / n + replicated),
+                    params_total=split_full + replicated, optimizer_total=2 * (split_full + replicated),
+                    measured_params_per_device=None)
+
+    assert bench.print_memory_table([row(1, 0.01 * gib), row(8, 0.01 * gib)], "ViT_X", "a machine")
+    out = capsys.readouterr().out
+    assert "ViT_X: bytes per device" in out and "a machine" in out and ": met" in out
+    assert "model:8            1.010      1.000         2.020          3.030      3.004        1.009         1.000" in out
+    assert not bench.print_memory_table([row(8, 0.2 * gib)], "ViT_X", "a machine")
+    assert "NOT met" in capsys.readouterr().out
+    bench.print_step_table([dict(spec="data", median_ms=50.0, min_ms=40.0, compile_s=2.0),
+                            dict(spec="model:4", median_ms=75.0, min_ms=70.0, compile_s=3.0)], "a machine")
+    assert "model:4             75.0     70.0        3.0    1.50x" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Training ViTs as the paper does, under any `tf.distribute` strategy.
+"""Training ViTs as the paper does, under any `tf.distribute` strategy (TensorFlow)
+or `keras.distribution` (JAX: `layout_map` splits a model over devices).
 
     recipe = keras_vit.training.finetune_recipe("cifar10", accum_steps=8)
     with strategy.scope():
@@ -10,13 +11,14 @@
 Its modules:
 
     recipes     the paper's schedules, losses and Table 3/4 presets; the self-supervised recipe
-    trainer     `Trainer`: gradient accumulation and clipping under tf.distribute
+    trainer     `Trainer`: gradient accumulation and clipping under tf.distribute and keras.distribution
     distribute  strategies by name; where each task of a multi-worker run writes
+    sharding    keras.distribution on JAX: `layout_map`, distributions by name, multi-process start
     loop        `train()`: checkpointed training that resumes where it was killed
 """
 
 from keras_vit.training.distribute import STRATEGIES, make_strategy, split_cpu, task_directory
-from keras_vit.training.loop import Backup, train
+from keras_vit.training.loop import Backup, process_directory, train
 from keras_vit.training.recipes import (
     DECAYS,
     FINETUNE_BATCH_SIZE,
@@ -41,4 +43,5 @@ from keras_vit.training.recipes import (
     masked_patch_recipe,
     pretrain_recipe,
 )
+from keras_vit.training.sharding import DISTRIBUTIONS, initialize, layout_map, make_distribution, per_device_bytes
 from keras_vit.training.trainer import Trainer

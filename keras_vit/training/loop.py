@@ -1,5 +1,6 @@
 """Fault-tolerant training: `train()` runs a number of steps with atomic checkpoints and resumes where a killed run stopped."""
 
+import contextlib
 import json
 import os
 import time
@@ -9,7 +10,17 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_vit.training import sharding
 from keras_vit.training.distribute import task_directory
+
+
+def process_directory(model_dir):
+    """Where this process of a JAX run writes: `model_dir` for process 0
+    (or a single process), `model_dir/process-N` for the others."""
+    import jax
+
+    index = jax.process_index()
+    return model_dir if index == 0 else os.path.join(model_dir, f"process-{index}")
 
 class Backup(keras.callbacks.Callback):
     """Saves the whole training state (weights, optimizer slots, step, the
@@ -125,16 +136,25 @@ def train(
         callbacks: more Keras callbacks.
         verbose: `fit`'s verbosity (2: a line per checkpoint interval).
 
-    The strategy is the one the trainer was built under.
+    The strategy is the one the trainer was built under: on TensorFlow its
+    `tf.distribute` strategy, on JAX the current `keras.distribution` (or
+    none), whose other processes write under `model_dir/process-N`.
 
     Returns the results dict also written to results.json: steps done,
     the step it resumed from, per-epoch training logs, the evaluation.
     """
-    strategy = trainer.distribute_strategy
-    directory = task_directory(model_dir, strategy)
+    if keras.backend.backend() == "tensorflow":
+        strategy = trainer.distribute_strategy
+        directory = task_directory(model_dir, strategy)
+        scope, replicas = strategy.scope(), strategy.num_replicas_in_sync
+    else:
+        distribution = keras.distribution.distribution()
+        directory = process_directory(model_dir)
+        scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
+        replicas = sharding.replicas(distribution)
     is_chief = directory == model_dir
     backup = Backup(os.path.join(directory, "checkpoint"))
-    with strategy.scope():  # optimizer slots made by the restore belong to the strategy
+    with scope:  # optimizer slots made by the restore belong to the strategy (laid out as their variables)
         start_step = backup.restore(trainer)
     if start_step:
         print(f"Resuming from step {start_step} (saved in {backup.path}).", flush=True)
@@ -166,7 +186,7 @@ def train(
         "steps": _step(trainer),
         "start_step": start_step,
         "train_seconds": round(time.time() - began, 1),
-        "replicas": strategy.num_replicas_in_sync,
+        "replicas": replicas,
         "history": history,
     }
     if eval_data is not None:

@@ -1,4 +1,4 @@
-"""`Trainer`: gradient accumulation and clipping that hold under `tf.distribute`.
+"""`Trainer`: gradient accumulation and clipping that hold under `tf.distribute` and `keras.distribution`.
 
 Why: Keras optimizers accumulate gradients themselves
 (`gradient_accumulation_steps`) and clip them (`global_clipnorm`), but under
@@ -8,13 +8,18 @@ gradient instead of the whole. `Trainer` splits each replica's batch into
 micro-batches inside one train step (as the official code) and clips the
 summed gradient, so k x batch B on one device, or one batch k*B over any number
 of replicas, gives the same update.
+
+On JAX, under a `keras.distribution` (DataParallel, ModelParallel) or none,
+the train step is one jitted function over global arrays (XLA's GSPMD splits
+it): the optimizer's own clipping already sees the whole gradient, and
+`Trainer` adds the same in-step accumulation.
 """
 
 import keras
 from keras import ops
 
 class Trainer(keras.Model):
-    """Trains `model` (TensorFlow backend): fit/evaluate/predict as usual.
+    """Trains `model` (TensorFlow or JAX backend): fit/evaluate/predict as usual.
 
     Each train step takes one batch per replica, splits it into `accum_steps`
     micro-batches, runs them one after the other (a while loop: only one
@@ -22,12 +27,16 @@ class Trainer(keras.Model):
     with their mean gradient. With several replicas and a clipping optimizer
     the gradient is summed over replicas before it is clipped, as on one
     device. Save `trainer.model`, not the trainer.
+
+    On JAX the micro-batch i of a batch is its examples i, i + k, i + 2k...
+    (each device keeps its own share of every micro-batch under data
+    parallelism); their mean gradient is the same as of k contiguous ones.
     """
 
     def __init__(self, model, accum_steps=1, **kwargs):
-        if keras.backend.backend() != "tensorflow":
+        if keras.backend.backend() not in ("tensorflow", "jax"):
             raise ValueError(
-                "keras_vit.training.Trainer needs KERAS_BACKEND=tensorflow; on other backends use the "
+                "keras_vit.training.Trainer needs KERAS_BACKEND=tensorflow or jax; on other backends use the "
                 "optimizer's own gradient_accumulation_steps."
             )
         if accum_steps < 1:
@@ -38,7 +47,8 @@ class Trainer(keras.Model):
         # Train steps done, saved with the weights. Not optimizer.iterations:
         # a LossScaleOptimizer does not count the steps it skips.
         self.steps_done = self.add_weight(
-            shape=(), dtype="int64", initializer="zeros", trainable=False, name="steps_done",
+            shape=(), dtype="int64" if keras.backend.backend() == "tensorflow" else "int32",  # JAX: no int64 by default
+            initializer="zeros", trainable=False, name="steps_done",
             aggregation="only_first_replica",
         )  # fmt: skip
         self.built = model.built
@@ -50,6 +60,8 @@ class Trainer(keras.Model):
         # Keras 3.15 learns the batch shapes by reducing a first batch across
         # replicas, which fails under MultiWorkerMirroredStrategy ("Attempt to
         # convert a value (PerReplica...)"); a local replica's batch has them too.
+        if keras.backend.backend() != "tensorflow":
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
         import tensorflow as tf
 
         if iterator is not None and self._distribute_strategy is not None:
@@ -63,7 +75,12 @@ class Trainer(keras.Model):
                 break
         return super()._maybe_symbolic_build(data_batch=data_batch)
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        if keras.backend.backend() == "jax":
+            return self._jax_train_step(*args)  # (state, data): JAX's train steps are stateless
+        return self._tf_train_step(*args)
+
+    def _tf_train_step(self, data):
         import tensorflow as tf
 
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -91,9 +108,60 @@ class Trainer(keras.Model):
         self.steps_done.assign_add(1)
         return self._logs()
 
-    def test_step(self, data):
-        super().test_step(data)
+    def test_step(self, *args):
+        if keras.backend.backend() == "jax":
+            return super().test_step(*args)
+        super().test_step(*args)
         return self._logs()
+
+    def _jax_train_step(self, state, data):
+        """JAX's `train_step(state, data) -> (logs, state)` with `accum_steps`
+        micro-batches in a `fori_loop` and one optimizer update."""
+        import jax
+
+        trainable, non_trainable, optimizer_variables, metrics_variables = state
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        k = self.accum_steps
+        grad_fn = jax.value_and_grad(self.compute_loss_and_updates, has_aux=True)
+
+        def micro_step(xi, yi, wi, non_trainable, metrics_variables):
+            (_, aux), grads = grad_fn(
+                trainable, non_trainable, metrics_variables, xi, yi, wi,
+                training=True, optimizer_variables=optimizer_variables,
+            )  # fmt: skip
+            unscaled_loss, y_pred, non_trainable, metrics_variables = aux
+            _, metrics_variables = self._update_metrics_variables(
+                metrics_variables, unscaled_loss, xi, yi, y_pred, wi
+            )
+            return grads, non_trainable, metrics_variables
+
+        if k == 1:
+            grads, non_trainable, metrics_variables = micro_step(x, y, sample_weight, non_trainable, metrics_variables)
+        else:
+            def split(t):  # (batch, ...) -> (batch / k, k, ...): micro-batch i is [:, i]
+                return None if t is None else jax.numpy.reshape(jax.numpy.asarray(t), (-1, k) + tuple(t.shape[1:]))
+
+            xs, ys, ws = jax.tree_util.tree_map(split, (x, y, sample_weight))
+
+            def body(i, carry):
+                summed, non_trainable, metrics_variables = carry
+                xi, yi, wi = jax.tree_util.tree_map(lambda t: t[:, i], (xs, ys, ws))
+                grads, non_trainable, metrics_variables = micro_step(xi, yi, wi, non_trainable, metrics_variables)
+                return [s + g for s, g in zip(summed, grads)], non_trainable, metrics_variables
+
+            zeros = [jax.numpy.zeros_like(v) for v in trainable]
+            summed, non_trainable, metrics_variables = jax.lax.fori_loop(
+                0, k, body, (zeros, list(non_trainable), list(metrics_variables))
+            )
+            grads = [g / k for g in summed]
+        trainable, optimizer_variables = self.optimizer.stateless_apply(optimizer_variables, grads, trainable)
+        non_trainable = list(non_trainable)
+        for index, variable in enumerate(self.non_trainable_variables):
+            if variable is self.steps_done:
+                non_trainable[index] = non_trainable[index] + 1
+        with keras.StatelessScope(state_mapping=list(zip(self.metrics_variables, metrics_variables))):
+            logs = self.get_metrics_result()
+        return logs, (trainable, non_trainable, optimizer_variables, metrics_variables)
 
     def _logs(self):
         import tensorflow as tf
