@@ -49,7 +49,8 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from workers import RESULT, ROOT, describe, emit  # noqa: E402
 
 ENGINES = ("keras-jax", "timm", "keras-torch")
 ENGINE_LABELS = {
@@ -68,25 +69,9 @@ TINY = dict(label="tiny ViT (32 px)", patch_size=8, hidden_size=64, depth=2, num
             timm=None, image_size=32)
 PHASES = ("inference", "train")
 CLASSES = 10
-RESULT = "GPU_SPEED_RESULT "  # a worker's result lines start with this
 
 
 # --------------------------------------------------------------------------- worker side
-
-
-def emit(**record):
-    print(RESULT + json.dumps(record), flush=True)
-
-
-def describe(error):
-    """One line for the table: the error, and where it came from when it says nothing."""
-    text = f"{type(error).__name__}: {error}".strip()
-    if not str(error).strip() and error.__traceback__ is not None:
-        import traceback
-
-        frame = traceback.extract_tb(error.__traceback__)[-1]
-        text += f" (at {os.path.basename(frame.filename)}:{frame.lineno})"
-    return " ".join(text.split())[:300]
 
 
 def time_rounds(step, sync, batch, rounds, deadline, target_seconds):

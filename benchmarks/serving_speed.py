@@ -36,7 +36,6 @@ Needs the `serving`, `parity` and `bench` extras (`.ci/run` installs them).
 """
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -46,12 +45,12 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from workers import ROOT, Worker, cpu_description, describe, emit, serve_rounds  # noqa: E402
 CLASSES = 10
 B16 = dict(label="ViT-B/16", patch_size=16, hidden_size=768, depth=12, num_heads=12, mlp_dim=3072, image_size=224)
 TINY = dict(label="tiny ViT (32 px)", patch_size=8, hidden_size=64, depth=2, num_heads=2, mlp_dim=128, image_size=32)
 ENGINES = ("savedmodel", "openvino", "onnx", "litert", "timm")
-RESULT = "SERVING_SPEED "  # a worker's protocol lines start with this
 # Every contender: (engine, name, precision, is keras_vit).
 CONTENDERS = (
     ("savedmodel", "SavedModel float32", "float32", True),
@@ -69,27 +68,6 @@ CONTENDERS = (
     ("timm", "timm torch.compile float32", "float32", False),
     ("timm", "timm torch.compile bf16", "bf16", False),
 )
-
-
-def cpu_description():
-    """'model name; AMX yes/no, AVX512_BF16 yes/no' from /proc/cpuinfo."""
-    name, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name == "unknown CPU":
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    amx = "yes" if "amx_bf16" in flags else "no"
-    bf16 = "yes" if "avx512_bf16" in flags else "no"
-    return f"{name}, {os.cpu_count()} cores; AMX {amx}, AVX512_BF16 {bf16}"
-
-
-def emit(**record):
-    print(RESULT + json.dumps(record), flush=True)
 
 
 # --------------------------------------------------------------------------- the exports
@@ -257,12 +235,11 @@ def worker(args):
                 batch_call()
                 single_call()
     except Exception as error:  # a missing runtime or a failed load ends this engine, not the run
-        emit(ready=False, error=" ".join(f"{type(error).__name__}: {error}".split())[:300])
+        emit(ready=False, error=describe(error))
         return
     emit(ready=True, contenders=list(calls), warmup_s=time.perf_counter() - start)
-    for line in sys.stdin:
-        if line.strip() != "round":
-            break
+
+    def run_round():
         results = {}
         for name, (batch_call, single_call) in calls.items():
             begin = time.perf_counter()
@@ -275,37 +252,12 @@ def worker(args):
                 single_call()
                 latencies.append(1000 * (time.perf_counter() - begin))
             results[name] = dict(img_s=img_s, latency_ms=latencies)
-        emit(round=results)
+        return results
+
+    serve_rounds(run_round)
 
 
 # --------------------------------------------------------------------------- the parent
-
-
-class Worker:
-    def __init__(self, engine, args, folder):
-        command = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--folder", folder,
-                   "--batch", str(args.batch), "--repeats", str(args.repeats),
-                   "--latency-calls", str(args.latency_calls)] + (["--tiny"] if args.tiny else [])
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.engine = engine
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.ready = self.read()
-
-    def read(self):
-        for line in self.process.stdout:
-            if line.startswith(RESULT):
-                return json.loads(line[len(RESULT):])
-        return dict(ready=False, error=f"the worker exited with status {self.process.wait()}")
-
-    def round(self):
-        self.process.stdin.write("round\n")
-        self.process.stdin.flush()
-        return self.read().get("round", {})
-
-    def close(self):
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait()
 
 
 def p99(values):
@@ -394,7 +346,9 @@ def main(argv=None):
         print(f"exports written in {time.perf_counter() - start:.0f} s", flush=True)
         workers, errors = [], {}
         for engine in engines:  # started one after the other: each warms up on a quiet machine
-            started = Worker(engine, args, folder)
+            started = Worker(__file__, ["--worker", engine, "--folder", folder, "--batch", str(args.batch),
+                                        "--repeats", str(args.repeats), "--latency-calls", str(args.latency_calls)]
+                             + (["--tiny"] if args.tiny else []))
             if started.ready.get("ready"):
                 workers.append(started)
                 print(f"{engine}: ready in {started.ready['warmup_s']:.0f} s", flush=True)

@@ -1,239 +1,324 @@
-"""Speed of keras_vit beside keras_hub and beside this machine's matmul limit, in one run.
+"""Speed inside Keras on every backend, beside timm and keras_hub, in one run (issue 19).
 
-For each model (ViT-B/16 and ViT-L/16 at 224 px, batch 8, TensorFlow backend):
+ViT-B/16 (--model) at 224 px, batch 8, a 10-class softmax head, random
+weights, in float32 and in bf16, as a user runs them:
 
-- roofline: the best matmul throughput of this machine, measured in the same
-  run, for the model's largest matmul (its MLP at this batch: batch*tokens x
-  width . width x mlp_dim; 1576x768 . 768x3072 for ViT-B/16), in float32 and
-  bfloat16. Divided by the model's forward FLOPs (2x `sizes.multiply_accumulates`)
-  it is the img/s the model would reach if every FLOP ran at that speed.
-- inference: img/s through `model.predict_on_batch(x)` and through a plain
-  `model(x)` under `tf.function`, in float32, mixed_bfloat16 and int8
-  (`model.quantize("int8")`, float32 otherwise), keras_vit beside
-  `keras_hub.models.ViTBackbone` of the same configuration (both: encoder
-  without head or input scaling), as a fraction of the roofline and as the
-  ratio keras_vit / keras_hub. Goals: >= 85% of the roofline in bf16, >= 90%
-  in float32.
-- training step: `compile(optimizer=SGD(), loss=...)` with Keras's defaults,
-  then `train_on_batch`, with a 10-class softmax head on the class token, in
-  float32 and mixed_bfloat16, keras_vit beside keras_hub, as the ratio
-  (goals: >= 2.0 in bf16, >= 1.1 in float32) and as a fraction of 3x the
-  forward roofline (a training step does about 3x the forward FLOPs; goal 85%).
+    predict      keras_vit and keras_hub: `model.predict_on_batch(x)`;
+                 timm: `model(x)` under `torch.inference_mode()`
+    train step   keras_vit and keras_hub: `compile(SGD(), sparse categorical
+                 cross-entropy)` with Keras's other defaults, then
+                 `train_on_batch(x, y)`; timm: forward, cross-entropy,
+                 backward, `SGD.step()`, eager
+    bf16         Keras: the `mixed_bfloat16` dtype policy (each model's
+                 compute dtype is asserted); timm: `torch.autocast(bfloat16)`
 
-Every figure is the median over --rounds rounds with its min-max; in each
-round every contender (roofline matmuls included) runs --repeats batches in
-turn, so machine load spreads over all of them alike.
+Engines, each a worker process (benchmarks/workers.py): keras_vit on
+KERAS_BACKEND=tensorflow, jax (XLA, Keras's default `jit_compile` there) and
+torch (eager, Keras's default there); keras_hub's ViTBackbone with the same
+head on TensorFlow; timm's VisionTransformer of the same shape, eager (the
+way a timm user runs it; torch.compile is in benchmarks/serving_speed.py).
 
-    python benchmarks/speed.py [--models B/16,L/16] [--train_models B/16] [--batch 8]
-                               [--rounds 5] [--repeats 2] [--precisions float32,mixed_bfloat16,int8]
+The roofline: this machine's matmul throughput for the model's largest
+matmul (its MLP at this batch: batch*tokens x width . width x mlp_dim), in
+float32 and bf16, through TensorFlow and through torch, each call a run of
+matmuls lasting about a second so that the bf16 units are warm. Divided into
+the forward FLOPs it is the img/s a forward pass would reach if every FLOP
+ran at that speed.
+
+Every figure is the median of --rounds rounds with the min-max; in each round
+every engine runs every contender in turn. Printed: the CPU (AMX,
+AVX512_BF16), a table of img/s with each figure's ratio to timm's, and the
+ratios issue 19 sets goals for.
+
+    python benchmarks/speed.py [--model B/16] [--batch 8] [--rounds 5] [--repeats 1]
+                               [--engines tensorflow,jax,torch,keras_hub,timm] [--tiny]
+
+--tiny: a 2-block, 64-wide ViT at 32 px: a smoke test of the whole path.
+Needs the `bench` and `parity` extras (keras_hub, timm; `.ci/run` installs them).
 """
 
 import argparse
 import os
-import platform
 import statistics
+import sys
 import time
-import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from workers import ROOT, Worker, cpu_description, describe, emit, serve_rounds  # noqa: E402
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import keras_vit  # noqa: E402
+sys.path.insert(0, ROOT)
+from keras_vit import sizes, variants  # noqa: E402  (neither imports keras)
 
 CLASSES = 10
-GOALS = {  # what issue 12 asks of each figure
-    ("inference", "float32"): "goal >= 90% of roofline",
-    ("inference", "mixed_bfloat16"): "goal >= 85% of roofline",
-    ("training", "float32"): "goal >= 1.1x keras_hub, 85% of 3x roofline",
-    ("training", "mixed_bfloat16"): "goal >= 2.0x keras_hub, 85% of 3x roofline",
+TINY = dict(patch_size=8, hidden_size=64, depth=2, num_heads=2, mlp_dim=128)
+ENGINES = {  # engine: (label, KERAS_BACKEND of its process)
+    "tensorflow": ("keras_vit TensorFlow", "tensorflow"),
+    "jax": ("keras_vit JAX", "jax"),
+    "torch": ("keras_vit torch", "torch"),
+    "keras_hub": ("keras_hub TensorFlow", "tensorflow"),
+    "timm": ("timm eager", "torch"),
+}
+ROOFLINES = {"tensorflow": "TensorFlow", "timm": "torch"}  # the engines that also time the roofline matmul
+PRECISIONS = ("float32", "bf16")
+PHASES = ("predict", "train")
+# Issue 19's goals: (engine, phase, precision) -> the least ratio to timm.
+GOALS = {
+    ("torch", "predict", "bf16"): 1.0, ("torch", "train", "bf16"): 1.0, ("torch", "predict", "float32"): 0.95,
+    ("tensorflow", "predict", "bf16"): 0.7, ("tensorflow", "train", "bf16"): 0.8,
+    ("tensorflow", "predict", "float32"): 0.95,
 }
 
 
-# ---------------------------------------------------------------------------
-# The contenders
-# ---------------------------------------------------------------------------
+def shape_of(args):
+    """(configuration, image size, forward FLOPs per image, roofline matmul (rows, inner, cols))."""
+    config = TINY if args.tiny else variants.VARIANTS[args.model]
+    size = 32 if args.tiny else args.image_size
+    tokens = (size // config["patch_size"]) ** 2 + 1
+    flops = 2 * sizes.multiply_accumulates(**config, image_size=size, classes=CLASSES)
+    return config, size, flops, (args.batch * tokens, config["hidden_size"], config["mlp_dim"])
 
 
-def keras_vit_model(config, image_size, head):
-    return keras_vit.ViT(
-        **config,
-        include_top=head,
-        classes=CLASSES,
-        include_preprocessing=False,
-        input_shape=(image_size, image_size, 3),
-    )
+# --------------------------------------------------------------------------- the workers
 
 
-def keras_hub_model(config, image_size, head):
-    from keras_hub.models import ViTBackbone
+def keras_contenders(engine, config, size, images, labels):
+    """{(phase, precision): call} of keras_vit or keras_hub on this process's backend."""
+    import keras
+    import numpy as np
 
-    backbone = ViTBackbone(
-        image_shape=(image_size, image_size, 3),
-        patch_size=config["patch_size"],
-        num_layers=config["depth"],
-        num_heads=config["num_heads"],
-        hidden_dim=config["hidden_size"],
-        mlp_dim=config["mlp_dim"],
-    )
-    if not head:
-        return backbone
-    class_token = backbone.output[:, 0, :]
-    outputs = keras.layers.Dense(CLASSES, activation="softmax", name="head")(class_token)
-    return keras.Model(backbone.input, outputs)
+    def build():
+        if engine == "keras_hub":
+            from keras_hub.models import ViTBackbone
+
+            backbone = ViTBackbone(image_shape=(size, size, 3), patch_size=config["patch_size"],
+                                   num_layers=config["depth"], num_heads=config["num_heads"],
+                                   hidden_dim=config["hidden_size"], mlp_dim=config["mlp_dim"])
+            outputs = keras.layers.Dense(CLASSES, activation="softmax", name="head")(backbone.output[:, 0, :])
+            return keras.Model(backbone.input, outputs)
+        import keras_vit
+
+        return keras_vit.ViT(**config, classes=CLASSES, include_preprocessing=False, input_shape=(size, size, 3))
+
+    calls = {}
+    for precision in PRECISIONS:
+        keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bf16" else "float32")
+        try:
+            model = build()
+        finally:
+            keras.config.set_dtype_policy("float32")
+        compute = {layer.compute_dtype for layer in model.layers if layer.weights}
+        expected = "bfloat16" if precision == "bf16" else "float32"
+        assert expected in compute and (precision == "bf16" or compute == {"float32"}), (engine, precision, compute)
+        model.compile(optimizer=keras.optimizers.SGD(), loss="sparse_categorical_crossentropy")
+        calls["predict", precision] = (lambda m: lambda: np.asarray(m.predict_on_batch(images)))(model)
+        calls["train", precision] = (lambda m: lambda: float(m.train_on_batch(images, labels)))(model)
+    return calls
 
 
-BUILDERS = {"keras_vit": keras_vit_model, "keras_hub": keras_hub_model}
+def timm_contenders(config, size, images, labels):
+    """{(phase, precision): call} of timm's ViT of the same shape, eager."""
+    import torch
+
+    sys.modules.setdefault("triton", None)  # not needed on a CPU
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=size, patch_size=config["patch_size"], embed_dim=config["hidden_size"],
+                              depth=config["depth"], num_heads=config["num_heads"],
+                              mlp_ratio=config["mlp_dim"] / config["hidden_size"], num_classes=CLASSES)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    y = torch.from_numpy(labels)
+
+    def predict(bf16):
+        def run():
+            model.eval()
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return model(x).float().numpy()
+        return run
+
+    def train(bf16):
+        def run():
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            return float(loss.detach())
+        return run
+
+    return {(phase, precision): (predict if phase == "predict" else train)(precision == "bf16")
+            for phase in PHASES for precision in PRECISIONS}
 
 
-def build(engine, config, image_size, precision, head=False):
-    """A model in `precision`; "int8" is a float32 model after `model.quantize("int8")`."""
-    keras.config.set_dtype_policy("float32" if precision == "int8" else precision)
+def roofline_contenders(engine, shape):
+    """{("roofline", precision): call of one rows x inner . inner x cols matmul}, through TF or torch."""
+    rows, inner, cols = shape
+    calls = {}
+    for precision in PRECISIONS:
+        if engine == "tensorflow":
+            import tensorflow as tf
+
+            dtype = tf.bfloat16 if precision == "bf16" else tf.float32
+            a, b = (tf.cast(tf.random.normal(s), dtype) for s in ((rows, inner), (inner, cols)))
+            calls["roofline", precision] = (lambda f, a, b: lambda: f(a, b).numpy())(tf.function(tf.matmul), a, b)
+        else:
+            import torch
+
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, cols, dtype=dtype)
+            calls["roofline", precision] = (lambda a, b: lambda: torch.matmul(a, b))(a, b)
+    return calls
+
+
+def lasting(call, seconds):
+    """(call repeated n times, n): n such that the repeated call lasts about `seconds`."""
+    call()
+    start = time.perf_counter()
+    call()
+    n = max(1, round(seconds / max(time.perf_counter() - start, 1e-6)))
+
+    def repeated():
+        for _ in range(n):
+            call()
+    return repeated, n
+
+
+def worker(args):
+    """Loads and warms one engine's contenders, then times a round per 'round' line on stdin."""
+    import numpy as np
+
+    config, size, _, shape = shape_of(args)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (args.batch, size, size, 3)).astype("float32")
+    labels = rng.integers(0, CLASSES, args.batch)
+    start = time.perf_counter()
     try:
-        model = BUILDERS[engine](config, image_size, head)
-    finally:
-        keras.config.set_dtype_policy("float32")
-    if precision == "int8":
-        with warnings.catch_warnings():  # "Layer X does not have a `quantize` method": expected
-            warnings.simplefilter("ignore")
-            model.quantize("int8")
-    return model
+        if args.worker == "timm":
+            calls = timm_contenders(config, size, images, labels)
+        else:
+            calls = keras_contenders(args.worker, config, size, images, labels)
+        for call in calls.values():  # tracing, XLA compilation, first allocations: outside the rounds
+            call()
+            call()
+        matmuls = {}
+        if args.worker in ROOFLINES:
+            for key, call in roofline_contenders(args.worker, shape).items():
+                calls[key], matmuls[key] = lasting(call, seconds=1.0)
+    except Exception as error:  # a missing package or a failed build ends this engine, not the run
+        emit(ready=False, error=describe(error))
+        return
+    emit(ready=True, warmup_s=time.perf_counter() - start)
+    matmul_flops = 2 * shape[0] * shape[1] * shape[2]
 
-
-def inference_calls(model, images):
-    """The two ways users run inference: predict_on_batch, and model(x) in a tf.function."""
-    graph_call = tf.function(lambda x: model(x, training=False))
-    return {
-        "predict_on_batch": lambda: np.asarray(model.predict_on_batch(images)),
-        "tf.function": lambda: graph_call(images).numpy(),
-    }
-
-
-def training_call(model, images, labels):
-    model.compile(optimizer=keras.optimizers.SGD(), loss="sparse_categorical_crossentropy")
-    return lambda: float(model.train_on_batch(images, labels))
-
-
-def roofline_call(rows, inner, cols, dtype):
-    """A call of one matmul of the model's MLP shape, (rows x inner) . (inner x cols), in `dtype`."""
-    a = tf.cast(tf.random.normal((rows, inner)), dtype)
-    b = tf.cast(tf.random.normal((inner, cols)), dtype)
-    matmul = tf.function(tf.matmul)
-    return lambda: matmul(a, b).numpy()
-
-
-# ---------------------------------------------------------------------------
-# Timing: rounds, each contender in turn
-# ---------------------------------------------------------------------------
-
-
-def seconds_per_call(contenders, rounds, repeats):
-    """{name: [seconds per call, one per round]}, contenders interleaved within each round."""
-    for call in contenders.values():  # warm-up: tracing, graph optimisation, first allocations
-        call()
-        call()
-    times = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, call in contenders.items():
-            start = time.perf_counter()
+    def run_round():
+        results = {}
+        for key, call in calls.items():
+            repeats = 1 if key in matmuls else args.repeats
+            begin = time.perf_counter()
             for _ in range(repeats):
                 call()
-            times[name].append((time.perf_counter() - start) / repeats)
-    return times
+            seconds = (time.perf_counter() - begin) / repeats
+            # img/s for a model; GFLOP/s for a roofline.
+            results["/".join(key)] = (matmuls[key] * matmul_flops / 1e9 if key in matmuls else args.batch) / seconds
+        return results
+
+    serve_rounds(run_round)
 
 
-def rate(per_call_seconds, amount):
-    """amount per second: (median, min, max) over the rounds."""
-    rates = sorted(amount / s for s in per_call_seconds)
-    return statistics.median(rates), rates[0], rates[-1]
+# --------------------------------------------------------------------------- the parent
 
 
-def spread(figure, fmt="{:.2f}"):
-    median, low, high = figure
-    return f"{fmt.format(median)} [{fmt.format(low)}-{fmt.format(high)}]"
+def spread(values):
+    return statistics.median(values), min(values), max(values)
 
 
-# ---------------------------------------------------------------------------
-# The report
-# ---------------------------------------------------------------------------
+def print_report(rounds, errors, header, flops, engines, args):
+    """rounds: {engine: {"phase/precision": [figure per round]}}."""
+    print(header)
+    print(f"img/s at batch {args.batch}: median over {args.rounds} rounds [min-max], "
+          f"{args.repeats} call(s) a round; (x timm): the ratio of the medians")
+    timm = {key: statistics.median(values) for key, values in rounds.get("timm", {}).items()}
+    columns = [f"{phase}/{precision}" for phase in PHASES for precision in PRECISIONS]
+    print(f"{'':22s}" + "".join(f" {column.replace('/', ' '):>31s}" for column in columns))
+    for engine in engines:
+        label = ENGINES[engine][0]
+        if engine in errors:
+            print(f"{label:22s} not run: {errors[engine]}")
+            continue
+        cells = []
+        for column in columns:
+            values = rounds[engine].get(column)
+            if not values:
+                cells.append("")
+                continue
+            median, low, high = spread(values)
+            ratio = f" ({median / timm[column]:.2f}x)" if engine != "timm" and timm.get(column) else ""
+            cells.append(f"{median:.2f} [{low:.2f}-{high:.2f}]{ratio}")
+        print(f"{label:22s}" + "".join(f" {cell:>31s}" for cell in cells))
+    for engine, framework in ROOFLINES.items():
+        for precision in PRECISIONS:
+            values = rounds.get(engine, {}).get(f"roofline/{precision}")
+            if values:
+                median, low, high = spread(values)
+                print(f"roofline through {framework}, {precision}: {median:.0f} [{low:.0f}-{high:.0f}] GFLOP/s "
+                      f"= {median * 1e9 / flops:.2f} img/s if a forward pass ran at that speed")
+    for (engine, phase, precision), goal in GOALS.items():
+        values, theirs = rounds.get(engine, {}).get(f"{phase}/{precision}"), timm.get(f"{phase}/{precision}")
+        if values and theirs:
+            ratio = statistics.median(values) / theirs
+            print(f"goal: {ENGINES[engine][0]} {phase} {precision} / timm = {ratio:.2f} "
+                  f"({'meets' if ratio >= goal else 'below'} the goal >= {goal})")
 
 
-def benchmark_model(variant, args, train):
-    config = keras_vit.VARIANTS[variant]
-    size, batch = args.image_size, args.batch
-    tokens = (size // config["patch_size"]) ** 2 + 1
-    forward_flops = 2 * keras_vit.sizes.multiply_accumulates(**config, image_size=size, classes=0)
-    shape = (batch * tokens, config["hidden_size"], config["mlp_dim"])
-    matmul_flops = 2 * shape[0] * shape[1] * shape[2]
-    rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, (batch, size, size, 3)).astype("float32")
-    labels = rng.integers(0, CLASSES, batch)
-
-    print(f"\n## ViT-{variant}, {size}x{size}, batch {batch}: forward {forward_flops / 1e9:.1f} GFLOP/image")
-    roofline_dtypes = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16}
-    for precision in args.precisions:
-        contenders = {}
-        roofline_dtype = roofline_dtypes.get(precision, tf.float32)
-        contenders["roofline"] = roofline_call(*shape, roofline_dtype)
-        for engine in BUILDERS:
-            model = build(engine, config, size, precision)
-            for call, fn in inference_calls(model, images).items():
-                contenders[(engine, "inference", call)] = fn
-            if train and precision != "int8":
-                contenders[(engine, "training", "train_on_batch")] = training_call(
-                    build(engine, config, size, precision, head=True), images, labels
-                )
-        times = seconds_per_call(contenders, args.rounds, args.repeats)
-        roofline_gflops = rate(times.pop("roofline"), matmul_flops / 1e9)
-        roofline_images = roofline_gflops[0] * 1e9 / forward_flops
-        print(
-            f"\n{precision}: roofline {spread(roofline_gflops, '{:.0f}')} GFLOP/s "
-            f"({'bfloat16' if roofline_dtype == tf.bfloat16 else 'float32'} matmul "
-            f"{shape[0]}x{shape[1]} . {shape[1]}x{shape[2]}) = {roofline_images:.2f} img/s forward"
-        )
-        print(f"{'':<34}{'keras_vit img/s':>24}{'of roofline':>13}{'keras_hub img/s':>24}{'vit/hub':>9}")
-        for (engine, kind, call) in [key for key in times if key[0] == "keras_vit"]:
-            ours = rate(times[("keras_vit", kind, call)], batch)
-            theirs = rate(times[("keras_hub", kind, call)], batch)
-            limit = roofline_images / (3 if kind == "training" else 1)
-            goal = GOALS.get((kind, precision), "")
-            print(
-                f"{kind + ' ' + call:<34}{spread(ours):>24}{ours[0] / limit:>12.0%} "
-                f"{spread(theirs):>24}{ours[0] / theirs[0]:>8.2f}x  {goal}"
-            )
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="B/16,L/16", help="keras_vit.VARIANTS names")
-    parser.add_argument("--train_models", default="B/16", help="the models whose training step is timed")
-    parser.add_argument("--precisions", default="float32,mixed_bfloat16,int8")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="B/16", help=f"one of {', '.join(variants.VARIANTS)}")
+    parser.add_argument("--image-size", dest="image_size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
-    args.precisions = args.precisions.split(",")
-    unknown = [p for p in args.precisions if p not in ("float32", "mixed_bfloat16", "int8")]
-    unknown += [m for m in args.models.split(",") + args.train_models.split(",") if m and m not in keras_vit.VARIANTS]
+    parser.add_argument("--repeats", type=int, default=1, help="calls of each contender a round")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--tiny", action="store_true", help="a tiny ViT at 32 px: a smoke test")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.model not in variants.VARIANTS:
+        parser.error(f"unknown model {args.model!r}; choose from {', '.join(variants.VARIANTS)}")
+    if args.worker:
+        return worker(args)
+    engines = [engine.strip() for engine in args.engines.split(",") if engine.strip()]
+    unknown = sorted(set(engines) - set(ENGINES))
     if unknown:
-        parser.error(f"unknown precision or model {unknown}; precisions: float32, mixed_bfloat16, int8; "
-                     f"models: {', '.join(keras_vit.VARIANTS)}")
-
-    import keras_hub
-
-    print(
-        f"# keras_vit speed: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f}; TensorFlow {tf.__version__}, keras {keras.__version__}, "
-        f"keras_hub {keras_hub.__version__}, backend {keras.backend.backend()}"
-    )
-    print(f"median img/s [min-max] over {args.rounds} rounds of {args.repeats} batches")
-    for variant in args.models.split(","):
-        benchmark_model(variant, args, train=variant in args.train_models.split(","))
-    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+        parser.error(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}")
+    config, size, flops, _ = shape_of(args)
+    label = "tiny ViT" if args.tiny else f"ViT-{args.model}"
+    header = (f"{label} at {size} px, {CLASSES} classes, random weights, forward {flops / 1e9:.3g} GFLOP/image; "
+              f"{cpu_description()}; load average before: {os.getloadavg()[0]:.2f}")
+    print(header, flush=True)
+    workers, errors = {}, {}
+    options = ["--model", args.model, "--image-size", str(size), "--batch", str(args.batch),
+               "--repeats", str(args.repeats)] + (["--tiny"] if args.tiny else [])
+    for engine in engines:  # started one after the other: each warms up on a quiet machine
+        started = Worker(__file__, ["--worker", engine] + options,
+                         env={"KERAS_BACKEND": ENGINES[engine][1], "TF_CPP_MIN_LOG_LEVEL": "3"})
+        if started.ready.get("ready"):
+            workers[engine] = started
+            print(f"{engine}: ready in {started.ready['warmup_s']:.0f} s", flush=True)
+        else:
+            errors[engine] = started.ready.get("error")
+            started.close()
+    rounds = {engine: {} for engine in workers}
+    for number in range(args.rounds):
+        for engine, running in workers.items():
+            for key, figure in running.round().items():
+                rounds[engine].setdefault(key, []).append(figure)
+        print(f"round {number + 1} of {args.rounds} done", flush=True)
+    for running in workers.values():
+        running.close()
+    print()
+    print_report(rounds, errors, header + f"; load average after: {os.getloadavg()[0]:.2f}", flops, engines, args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

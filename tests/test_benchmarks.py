@@ -1,9 +1,10 @@
-"""benchmarks/gpu_speed.py's table and ratio, from made-up results (no model runs).
+"""The benchmarks' tables and ratios, from made-up results (no model runs).
 
-The whole script's CPU smoke test, `bash benchmarks/gpu.sh --tiny`, runs three
-engines in three processes and compiles with XLA and torch.compile: 50 to 100 s
-on a 2-core machine, too long for the suite, so it is a documented command
-(docs/guides/speed.md), not a test.
+Their CPU smoke tests (`bash benchmarks/gpu.sh --tiny`, `python
+benchmarks/speed.py --tiny`, `python benchmarks/serving_speed.py --tiny`) start
+an engine per process and compile with XLA and torch.compile: a minute or more
+each on a 2-core machine, too long for the suite, so they are documented
+commands (docs/guides/speed.md, docs/guides/serving.md), not tests.
 """
 
 import importlib.util
@@ -116,3 +117,52 @@ def test_model_parallel_memory_table_checks_the_split_and_the_ideal(capsys):
     bench.print_step_table([dict(spec="data", median_ms=50.0, min_ms=40.0, compile_s=2.0),
                             dict(spec="model:4", median_ms=75.0, min_ms=70.0, compile_s=3.0)], "a machine")
     assert "model:4             75.0     70.0        3.0    1.50x" in capsys.readouterr().out
+
+
+class SpeedArgs:
+    batch = 8
+    rounds = 3
+    repeats = 1
+
+
+def test_speed_reports_every_backend_beside_timm_with_the_issues_goals(capsys):
+    speed = load_benchmark("speed")
+    rounds = {
+        "timm": {"predict/float32": [8.0, 8.5, 9.0], "predict/bf16": [20.0, 21.0, 30.0],
+                 "train/float32": [2.5, 2.6, 2.7], "train/bf16": [6.0, 6.0, 6.0], "roofline/bf16": [900.0, 1000.0, 1100.0]},
+        "torch": {"predict/float32": [8.0, 8.2, 8.4], "predict/bf16": [22.0, 23.1, 24.0],
+                  "train/float32": [2.4, 2.5, 2.6], "train/bf16": [5.0, 5.4, 6.0]},
+        "tensorflow": {"predict/float32": [7.0, 7.5, 8.0], "predict/bf16": [13.0, 14.0, 15.0],
+                       "train/float32": [2.4, 2.4, 2.4], "train/bf16": [4.0, 4.2, 4.4],
+                       "roofline/float32": [300.0, 330.0, 340.0]},
+    }
+    speed.print_report(rounds, {"jax": "ModuleNotFoundError: jax"}, "HEADER", flops=35.0e9,
+                       engines=["tensorflow", "jax", "torch", "timm"], args=SpeedArgs())
+    out = capsys.readouterr().out
+    assert out.startswith("HEADER\n")
+    assert "keras_vit JAX          not run: ModuleNotFoundError: jax" in out
+    assert "14.00 [13.00-15.00] (0.67x)" in out and "23.10 [22.00-24.00] (1.10x)" in out
+    assert "roofline through TensorFlow, float32: 330 [300-340] GFLOP/s = 9.43 img/s" in out
+    assert "roofline through torch, bf16: 1000 [900-1100] GFLOP/s = 28.57 img/s" in out
+    assert "goal: keras_vit torch predict bf16 / timm = 1.10 (meets the goal >= 1.0)" in out
+    assert "goal: keras_vit torch train bf16 / timm = 0.90 (below the goal >= 1.0)" in out
+    assert "goal: keras_vit TensorFlow predict bf16 / timm = 0.67 (below the goal >= 0.7)" in out
+    assert "goal: keras_vit TensorFlow train bf16 / timm = 0.70 (below the goal >= 0.8)" in out
+    assert "goal: keras_vit TensorFlow predict float32 / timm = 0.88 (below the goal >= 0.95)" in out
+
+
+def test_speed_roofline_call_lasts_about_the_time_asked():
+    import time
+
+    speed = load_benchmark("speed")
+    calls = []
+
+    def matmul():
+        calls.append(None)
+        time.sleep(0.01)
+
+    repeated, n = speed.lasting(matmul, seconds=0.1)
+    assert 5 <= n <= 10
+    calls.clear()
+    repeated()
+    assert len(calls) == n
