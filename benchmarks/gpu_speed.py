@@ -13,6 +13,8 @@ and model: the backend is chosen at import, and each frees the card for the
 next):
 
     keras-jax    keras_vit, KERAS_BACKEND=jax, mixed_bfloat16, compile(jit_compile=True) (XLA)
+    keras-jax-data  keras-jax under `--distribution data` (keras.distribution's DataParallel
+                 over every card, as the examples run it), ViT-B/16 only
     timm         timm vit_*_patch16_224 (random weights), torch.compile, torch.autocast(bfloat16)
     keras-torch  keras_vit, KERAS_BACKEND=torch, mixed_bfloat16, eager (Keras's default on torch)
 
@@ -24,13 +26,13 @@ ratio keras_vit-JAX / timm+compile (goal >= 1).
 
 A global time guard (--budget seconds, 280 by default) keeps the whole run
 inside the device machine's 5 minutes: the jobs run in order of importance
-(keras-jax and timm, ViT-B/16 then ViT-L/16, then keras-torch), a phase that
+(keras-jax, timm and keras-jax-data, ViT-B/16 then ViT-L/16, then keras-torch), a phase that
 would start in the last 10 s is skipped, rounds stop short of the deadline,
 and a job still running at the deadline is stopped; whatever finished is
 reported, the rest is marked "not run".
 
     python benchmarks/gpu_speed.py [--models B16,L16] [--batch 64] [--rounds 5]
-                                   [--engines keras-jax,timm,keras-torch] [--budget 280]
+                                   [--engines keras-jax,timm,keras-jax-data,keras-torch] [--budget 280]
                                    [--device auto|cuda|cpu] [--tiny]
 
 --tiny: a 2-block, 64-wide ViT at 32 px (patch 8) for a CPU smoke test of the
@@ -52,9 +54,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from workers import RESULT, ROOT, describe, emit  # noqa: E402
 
-ENGINES = ("keras-jax", "timm", "keras-torch")
+ENGINES = ("keras-jax", "timm", "keras-jax-data", "keras-torch")
 ENGINE_LABELS = {
     "keras-jax": "keras_vit JAX (XLA)",
+    "keras-jax-data": "keras_vit JAX, data par.",
     "timm": "timm torch.compile",
     "keras-torch": "keras_vit torch (eager)",
 }
@@ -125,12 +128,18 @@ def torch_device(torch, wanted):
     return "cuda" if wanted == "cuda" else "cpu"
 
 
-def worker_keras(args, backend):
+def worker_keras(args, backend, distribution=None):
+    """keras_vit on `backend`; `distribution` ("data"): on JAX under
+    `keras_vit.training.make_distribution`, the examples' --distribution."""
     os.environ["KERAS_BACKEND"] = backend
     import keras
     import numpy as np
 
     import keras_vit
+
+    engine = f"keras-{backend}" + (f"-{distribution}" if distribution else "")
+    if distribution:
+        keras.distribution.set_distribution(keras_vit.training.make_distribution(distribution))
 
     cfg = config_of(args.model, args.tiny)
     size = cfg["image_size"]
@@ -142,8 +151,13 @@ def worker_keras(args, backend):
         import jax
 
         device = jax.devices()[0]
-        images, labels = jax.device_put(images, device), jax.device_put(labels, device)
-        emit(info="device", engine=f"keras-{backend}", name=f"{device.platform}: {device.device_kind}")
+        if distribution:  # the batch laid out over the devices as the distribution splits it
+            layout = keras.distribution.distribution().get_data_layout
+            images = keras.distribution.distribute_tensor(images, layout(images.shape))
+            labels = keras.distribution.distribute_tensor(labels, layout(labels.shape))
+        else:
+            images, labels = jax.device_put(images, device), jax.device_put(labels, device)
+        emit(info="device", engine=engine, name=f"{device.platform}: {device.device_kind}")
 
         def sync():
             pass  # predict_on_batch and train_on_batch return host values: each step ends synchronised
@@ -180,7 +194,7 @@ def worker_keras(args, backend):
     def make_train():
         return lambda: model.train_on_batch(images, labels)
 
-    run_phases(f"keras-{backend}", args.model, args, make_inference, make_train, sync)
+    run_phases(engine, args.model, args, make_inference, make_train, sync)
 
 
 def worker_timm(args):
@@ -254,7 +268,8 @@ def worker(args):
         if args.worker == "timm":
             worker_timm(args)
         else:
-            worker_keras(args, args.worker.split("-", 1)[1])
+            _, backend, *distribution = args.worker.split("-")
+            worker_keras(args, backend, *distribution)
     except ImportError as error:
         emit(engine=args.worker, model=args.model, phase="all", error=f"not installed: {error}")
     except Exception as error:  # no usable device, a failed build: one line in the table
@@ -349,6 +364,11 @@ def speed(value):
     return f"{value:9.1f}" if value >= 10 else f"{value:9.3f}"  # a CPU's 0.3 img/s keeps its digits
 
 
+def runs(engine, model_key):
+    """Whether `engine` runs `model_key`: the data-parallel path is timed on ViT-B/16 (or the tiny model) only."""
+    return engine != "keras-jax-data" or model_key in ("B16", "tiny")
+
+
 def print_table(results, device_names, models, engines, args, device, wall):
     cfgs = {key: config_of(key, args.tiny) for key in models}
     print()
@@ -363,7 +383,7 @@ def print_table(results, device_names, models, engines, args, device, wall):
     print("-" * len(header))
     for key in models:
         for phase in PHASES:
-            for engine in engines:
+            for engine in [e for e in engines if runs(e, key)]:
                 record = results.get((engine, key, phase))
                 row = f"{cfgs[key]['label']:<16} {phase:<9} {ENGINE_LABELS[engine]:<24} "
                 if record is None:
@@ -399,7 +419,7 @@ def driver(args):
         if engine not in ENGINES:
             sys.exit(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
     # The goal compares keras-jax with timm: those jobs first, model by model; keras-torch last.
-    jobs = [(e, m) for m in models for e in engines if e != "keras-torch"]
+    jobs = [(e, m) for m in models for e in engines if e != "keras-torch" and runs(e, m)]
     jobs += [(e, m) for m in models for e in engines if e == "keras-torch"]
     deadline = t0 + args.budget
     print(f"gpu_speed: device {device}, models {','.join(models)}, engines {','.join(engines)}, "

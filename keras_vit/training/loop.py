@@ -22,6 +22,7 @@ def process_directory(model_dir):
     index = jax.process_index()
     return model_dir if index == 0 else os.path.join(model_dir, f"process-{index}")
 
+
 class Backup(keras.callbacks.Callback):
     """Saves the whole training state (weights, optimizer slots, step, the
     layers' random state) at the end of every epoch and restores it with
