@@ -244,6 +244,7 @@ def test_pretrain_and_one_line_errors(tmp_path):
         "strategy": command(FINETUNE, "--strategy", "horovod", "--model_dir", str(tmp_path / "x")),
         "dataset": [sys.executable, FINETUNE, "--dataset", "mnist", "--steps", "2", "--model_dir", str(tmp_path / "y")],
         "flag": command(FINETUNE, "--epochz", "3", "--model_dir", str(tmp_path / "z")),
+        "distribution": command(FINETUNE, "--distribution", "data", "--model_dir", str(tmp_path / "d")),
     }  # fmt: skip
     done = finish({name: start(argv, env=env) for name, argv in jobs.items()})
     stdout, stderr, code = done.pop("pretrain")
@@ -256,6 +257,7 @@ def test_pretrain_and_one_line_errors(tmp_path):
         "strategy": "value should be one of <auto|one_device|mirrored|multi_worker|tpu>",
         "dataset": "Unknown dataset 'mnist': use one of cifar10, cifar100, oxford_iiit_pet",
         "flag": "Unknown command line flag 'epochz'",
+        "distribution": "--distribution data: keras.distribution needs KERAS_BACKEND=jax",
     }
     for name, (_, stderr, code) in done.items():
         lines = [line for line in stderr.splitlines() if "error:" in line]

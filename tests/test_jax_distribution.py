@@ -158,6 +158,8 @@ def test_npz_checkpoint_loads_under_model_parallel_with_the_logits_of_one_device
     sharded = keras_vit_model(path)
     head = {tuple(s.data.shape) for s in sharded.get_layer("predictions").kernel.value.addressable_shards}
     assert head == {(8, 5)}
+    pre_logits = {tuple(s.data.shape) for s in sharded.get_layer("pre_logits").kernel.value.addressable_shards}
+    assert pre_logits == {(32, 8)}  # (width, representation) by column
     np.testing.assert_allclose(numpy(sharded(x)), expected, rtol=1e-5, atol=1e-5)
     assert np.abs(expected).max() > 1e-3  # a loaded head, not zeros
     # The same through a .weights.h5 (weights=) and a .keras file, saved from the sharded model.
@@ -179,6 +181,21 @@ def keras_vit_model(path, **kwargs):
     config = dict(patch_size=8, hidden_size=32, depth=2, num_heads=4, mlp_dim=64, input_shape=(32, 32, 3))
     config.update(kwargs)
     return keras_vit.ViT(weights=path, classifier_activation=None, **config)
+
+
+def test_layouts_match_inside_other_scopes_and_per_device_bytes_counts_shards():
+    """A model built inside name scopes (as inside a wrapper) is split the
+    same; `per_device_bytes` counts each device's shard, not the whole array."""
+    keras.distribution.set_distribution(model_parallel())
+    with keras.name_scope("outer"), keras.name_scope("inner"):
+        model = tiny_vit()
+    block = model.get_layer("block_00")
+    query, gamma = block.attention.query_dense.kernel, block.norm1.gamma
+    assert query.path.startswith("outer/inner/"), query.path
+    assert {tuple(s.data.shape) for s in query.value.addressable_shards} == {(32, 1, 8)}  # 4 heads over 4
+    split = training.per_device_bytes([query])
+    assert len(split) == DEVICES and set(split.values()) == {32 * 1 * 8 * 4}  # float32: a quarter each
+    assert set(training.per_device_bytes([gamma]).values()) == {32 * 4}  # replicated: whole on each
 
 
 def test_heads_that_do_not_divide_the_model_axis_fail_in_one_line():
