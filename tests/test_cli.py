@@ -172,6 +172,8 @@ MISUSES = [
     (["export", "{tiny}", "{folder}/export", "--sha256", NO_HASH], "--sha256 does not apply"),
     (["predict", "{image}", "--model", "ViT_Ti16", "--weights", "{npz}", "--sha256", NO_HASH],
      f"expected {NO_HASH}: the file is not the expected checkpoint"),
+    (["export", "ViT_Ti16", "{folder}/export_npz", "--weights", "{npz}", "--sha256", NO_HASH],
+     f"expected {NO_HASH}: the file is not the expected checkpoint"),
 ]
 
 

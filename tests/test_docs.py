@@ -224,6 +224,35 @@ def test_the_command_line_page_names_every_subcommand_and_option():
                     assert option in section, f"keras-vit {command} {option} is not on the command-line page"
 
 
+FENCED_BLOCK = re.compile(r"^\s*```\W*(\w*)[^\n`]*\n(.*?)^\s*```", re.M | re.S)  # (language, body)
+SHELL_LANGUAGES = ("bash", "sh", "shell", "console", "")
+
+
+def test_every_keras_vit_command_in_the_docs_parses():
+    """Each `keras-vit ...` line of a shell block in docs/ and the README
+    (a synopsis with [optional] parts or `...` aside) is one the command
+    line accepts: no renamed flag, no removed choice."""
+    import shlex
+
+    from keras_vit import cli
+
+    checked = []
+    for path in _markdown_files():
+        for language, block in FENCED_BLOCK.findall(_read(path)):
+            if language not in SHELL_LANGUAGES:
+                continue
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.split(r"\s#|\s\|\s|&&|;|\s>", line.strip().removeprefix("$ "))[0].strip()
+                if not line.startswith("keras-vit ") or "[" in line or "..." in line:
+                    continue
+                try:
+                    cli.build_parser().parse_args(shlex.split(line)[1:])
+                except SystemExit as exit:
+                    assert not exit.code, f"{os.path.relpath(path, REPOSITORY)}: `{line}` is refused by keras-vit"
+                checked.append(line)
+    assert len(checked) >= 15, checked
+
+
 def test_the_masked_patch_figure_reads_both_tables_of_its_page():
     sys.path.insert(0, DOCS)
     try:

@@ -229,6 +229,33 @@ def test_cli_exports_and_predicts_through_each_runtime(models, exports, tmp_path
     assert sorted(os.listdir(tmp_path / "onnx" / "1")) == ["labels.txt", "model.onnx"]
 
 
+def test_cli_predict_hands_its_precision_to_the_runtime(exports, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    Image.fromarray(np.zeros(SHAPE, np.uint8)).save(tmp_path / "image.png")
+    asked, load = [], runtimes.load_export
+
+    def spy(path, **options):
+        asked.append(options)
+        return load(path, **options)
+
+    monkeypatch.setattr(runtimes, "load_export", spy)
+    folder = os.path.dirname(exports["vit", "openvino"])
+    assert cli.main(["predict", str(tmp_path / "image.png"), "--model", folder, "--precision", "bfloat16"]) == 0
+    assert asked == [{"precision": "bfloat16"}]
+    capsys.readouterr()
+
+
+def test_the_newest_version_is_the_highest_number_not_the_last_name(tmp_path):
+    """TF Serving's choice: 10 after 9 (a string order would take 9); a
+    folder without a model file (an export being written) is not a version."""
+    for version in ("2", "9", "10", "11"):
+        os.makedirs(tmp_path / version)
+        if version != "11":
+            open(tmp_path / version / runtimes.RUNTIMES["onnx"].model_file, "w").close()
+    assert runtimes.version_folder(str(tmp_path)) == str(tmp_path / "10")
+
+
 def _labels_file(folder):
     path = os.path.join(folder, "labels.txt")
     with open(path, "w") as file:
