@@ -253,6 +253,20 @@ def test_every_keras_vit_command_in_the_docs_parses():
     assert len(checked) >= 15, checked
 
 
+def test_every_list_starts_after_a_blank_line():
+    """Python-Markdown (unlike GitHub) runs a list straight after a paragraph
+    line into that paragraph: "text:\n- a\n- b" renders as one run-on line."""
+    stuck = []
+    for path in _markdown_files():
+        lines, fenced = _read(path).split("\n"), False
+        for number, (before, line) in enumerate(zip(lines, lines[1:]), 2):
+            fenced ^= before.lstrip().startswith("```")
+            if (not fenced and re.match(r"(- |\d+\. )", line) and before.strip() and not before.startswith(" ")
+                    and not re.match(r"(- |\d+\. |\|)", before)):
+                stuck.append(f"{os.path.relpath(path, REPOSITORY)}:{number}")
+    assert not stuck, f"a list right after a paragraph line (add a blank line): {stuck}"
+
+
 def test_the_masked_patch_figure_reads_both_tables_of_its_page():
     sys.path.insert(0, DOCS)
     try:
