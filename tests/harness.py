@@ -268,3 +268,21 @@ def png16(values):
     """A 16-bit PNG of (height, width) grey or (height, width, 3) RGB values."""
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in values)  # filter byte 0 per row
     return png(values.shape[1], values.shape[0], rows, bit_depth=16, colour_type=0 if values.ndim == 2 else 2)
+
+
+def stop_and_resume(make_trainer, train_data, folder, steps=7, stop_at=4, save_every=3):
+    """`steps` steps of `keras_vit.training.train` in one go, and in two runs
+    of fresh trainers (stopped after `stop_at`, as a killed process, then
+    restored from the checkpoint) -> (uninterrupted, stopped, resumed, the
+    resumed run's results)."""
+    from keras_vit import training
+
+    uninterrupted = make_trainer()
+    training.train(uninterrupted, train_data, steps, os.path.join(folder, "uninterrupted"), save_every=save_every,
+                   verbose=0)
+    stopped = make_trainer()
+    training.train(stopped, train_data, stop_at, os.path.join(folder, "resumed"), save_every=save_every, verbose=0)
+    resumed = make_trainer()
+    results = training.train(resumed, train_data, steps, os.path.join(folder, "resumed"), save_every=save_every,
+                             verbose=0)
+    return uninterrupted, stopped, resumed, results

@@ -21,7 +21,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from harness import images, randomize_head, tiny_hybrid, tiny_vit
+from harness import images, randomize_head, stop_and_resume, tiny_hybrid, tiny_vit
 
 from keras_vit import training
 
@@ -229,12 +229,7 @@ def test_killed_run_resumes_under_model_parallel_to_the_weights_of_an_uninterrup
         return trainer
 
     keras.distribution.set_distribution(model_parallel())
-    uninterrupted = trainer()
-    training.train(uninterrupted, train_data, 7, str(tmp_path / "uninterrupted"), save_every=3, verbose=0)
-    stopped = trainer()
-    training.train(stopped, train_data, 4, str(tmp_path / "resumed"), save_every=3, verbose=0)
-    resumed = trainer()
-    results = training.train(resumed, train_data, 7, str(tmp_path / "resumed"), save_every=3, verbose=0)
+    uninterrupted, stopped, resumed, results = stop_and_resume(trainer, train_data, str(tmp_path))
     assert (results["start_step"], results["steps"], results["replicas"]) == (4, 7, 2)
     for a, b in zip(resumed.model.weights, uninterrupted.model.weights):
         assert a.value.sharding.is_equivalent_to(b.value.sharding, len(a.shape))

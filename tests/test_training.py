@@ -7,7 +7,7 @@ import os
 import keras
 import numpy as np
 import pytest
-from harness import images, randomize_head, tiny_vit
+from harness import images, randomize_head, stop_and_resume, tiny_vit
 
 from keras_vit import training
 
@@ -307,12 +307,7 @@ def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_run(tmp_path
         trainer.compile(optimizer=recipe.optimizer, loss=recipe.loss)
         return trainer
 
-    uninterrupted = trainer()
-    training.train(uninterrupted, train_data, 7, str(tmp_path / "uninterrupted"), save_every=3, verbose=0)
-    stopped = trainer()
-    training.train(stopped, train_data, 4, str(tmp_path / "resumed"), save_every=3, verbose=0)
-    resumed = trainer()
-    results = training.train(resumed, train_data, 7, str(tmp_path / "resumed"), save_every=3, verbose=0)
+    uninterrupted, stopped, resumed, results = stop_and_resume(trainer, train_data, str(tmp_path))
     assert (results["start_step"], results["steps"]) == (4, 7)
     assert len(resumed.model.weights) == len(uninterrupted.model.weights)
     for a, b in zip(resumed.model.weights, uninterrupted.model.weights):
