@@ -14,7 +14,8 @@ weights, in float32 and in bf16, as a user runs them:
 
 Engines, each a worker process (benchmarks/workers.py): keras_vit on
 KERAS_BACKEND=tensorflow, jax (XLA, Keras's default `jit_compile` there) and
-torch (eager, Keras's default there); keras_hub's ViTBackbone with the same
+torch (eager, Keras's default there, and with `compile(jit_compile=True)`,
+which Keras runs through torch.compile); keras_hub's ViTBackbone with the same
 head on TensorFlow; timm's VisionTransformer of the same shape, eager (the
 way a timm user runs it; torch.compile is in benchmarks/serving_speed.py).
 
@@ -31,7 +32,7 @@ AVX512_BF16), a table of img/s with each figure's ratio to timm's, and the
 ratios issue 19 sets goals for.
 
     python benchmarks/speed.py [--model B/16] [--batch 8] [--rounds 5] [--repeats 1]
-                               [--engines tensorflow,jax,torch,keras_hub,timm] [--tiny]
+                               [--engines tensorflow,jax,torch,torch_compiled,keras_hub,timm] [--tiny]
 
 --tiny: a 2-block, 64-wide ViT at 32 px: a smoke test of the whole path.
 Needs the `bench` and `parity` extras (keras_hub, timm; `.ci/run` installs them).
@@ -56,6 +57,7 @@ ENGINES = {  # engine: (label, KERAS_BACKEND of its process)
     "tensorflow": ("keras_vit TensorFlow", "tensorflow"),
     "jax": ("keras_vit JAX", "jax"),
     "torch": ("keras_vit torch", "torch"),
+    "torch_compiled": ("keras_vit torch, jit", "torch"),  # compile(jit_compile=True): torch.compile
     "keras_hub": ("keras_hub TensorFlow", "tensorflow"),
     "timm": ("timm eager", "torch"),
 }
@@ -110,7 +112,8 @@ def keras_contenders(engine, config, size, images, labels):
         compute = {layer.compute_dtype for layer in model.layers if layer.weights}
         expected = "bfloat16" if precision == "bf16" else "float32"
         assert expected in compute and (precision == "bf16" or compute == {"float32"}), (engine, precision, compute)
-        model.compile(optimizer=keras.optimizers.SGD(), loss="sparse_categorical_crossentropy")
+        model.compile(optimizer=keras.optimizers.SGD(), loss="sparse_categorical_crossentropy",
+                      jit_compile=True if engine == "torch_compiled" else "auto")
         calls["predict", precision] = (lambda m: lambda: np.asarray(m.predict_on_batch(images)))(model)
         calls["train", precision] = (lambda m: lambda: float(m.train_on_batch(images, labels)))(model)
     return calls
