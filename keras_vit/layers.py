@@ -444,11 +444,21 @@ class DropPath(layers.Layer):
         return config
 
 
-def _matmul_plus_bias(x, kernel, bias):
-    """x . kernel + bias in x's dtype. ops.add with a 1-D bias is TensorFlow's
-    BiasAdd, which oneDNN fuses into the matmul together with a residual add
-    that follows; a `+` (AddV2) is not fused there."""
-    return ops.add(ops.matmul(x, ops.cast(kernel, x.dtype)), ops.cast(bias, x.dtype))
+def _matmul_plus_bias(x, kernel, bias, bias_as_row=False):
+    """x . kernel + bias in x's dtype.
+
+    On TensorFlow, ops.add with a 1-D bias is BiasAdd, which oneDNN fuses into
+    the matmul together with a residual add that follows; a `+` (AddV2) is not
+    fused there. PyTorch's matmul takes no bias (torch.addmm is not a
+    keras.op), and a separate add is one more pass over a freshly allocated
+    output: with `bias_as_row`, the bias goes into the matmul instead, as the
+    kernel's last row against a column of ones on x. Only for a narrow x: the
+    column copies it."""
+    kernel, bias = ops.cast(kernel, x.dtype), ops.cast(bias, x.dtype)
+    if bias_as_row and keras.backend.backend() == "torch":
+        ones = ops.ones((ops.shape(x)[0], 1), dtype=x.dtype)
+        return ops.matmul(ops.concatenate([x, ones], axis=1), ops.concatenate([kernel, bias[None]], axis=0))
+    return ops.add(ops.matmul(x, kernel), bias)
 
 
 def _check_even_split(layer, variables):
@@ -499,7 +509,9 @@ class TransformerBlock(layers.Layer):
     training, and quantized models (`model.quantize`). Every other call takes
     the fast path, which uses the same variables differently, for speed:
     - the tokens of all images are rows of one matrix, so every projection is
-      a single 2-D matmul that oneDNN fuses with its bias and residual add;
+      a single 2-D matmul that oneDNN fuses with its bias and residual add
+      (on PyTorch, the query/key/value and first MLP biases ride in the
+      matmul as an extra kernel row, `_matmul_plus_bias`);
     - query, key and value come from one matmul with the three kernels side by
       side, not three, and the logit scale 1/sqrt(head) is folded into the
       query's weights;
@@ -573,16 +585,20 @@ class TransformerBlock(layers.Layer):
         attended = self._self_attention(self.norm1(x), batch)
         x = x + self._residual_branch(self._attention_output(attended), batch, training)
 
-        y = self.mlp_in(self.norm2(x))
+        y = _matmul_plus_bias(self.norm2(x), self.mlp_in.kernel, self.mlp_in.bias, bias_as_row=True)
         y = keras.activations.gelu(y, approximate=self.gelu_approximate)
-        y = self.mlp_out(self.dropout(y, training=training))
+        y = self._dropout(y, training)
+        y = _matmul_plus_bias(y, self.mlp_out.kernel, self.mlp_out.bias)
         x = x + self._residual_branch(y, batch, training)
         return ops.reshape(x, ops.shape(inputs))
 
     def _quantized(self):
         # After `model.quantize(...)` a kernel is stored in int8 with separate
-        # scales, which only the EinsumDense layers themselves apply.
-        return self.attention.query_dense.quantization_mode is not None
+        # scales, which only the Dense and EinsumDense layers themselves apply.
+        attention = self.attention
+        dense = (attention.query_dense, attention.key_dense, attention.value_dense, attention.output_dense,
+                 self.mlp_in, self.mlp_out)  # fmt: skip
+        return any(layer.quantization_mode is not None for layer in dense)
 
     def _self_attention(self, x, batch):
         """(batch * tokens, width) -> the heads' attended values, (batch * tokens, width)."""
@@ -596,18 +612,22 @@ class TransformerBlock(layers.Layer):
         biases = [ops.reshape(d.bias, (width,)) for d in dense]
         kernel = ops.stack([kernels[0] * scale, *kernels[1:]], axis=1)  # (width, 3, width)
         bias = ops.stack([biases[0] * scale, *biases[1:]], axis=0)  # (3, width)
-        if keras.backend.backend() != "tensorflow":
+        if keras.backend.backend() == "jax":
             # Query, key and value keep an axis of their own (a (width, 3 *
             # width) kernel would mix them): under keras.distribution's model
             # parallelism each device then projects and attends with its own
             # heads only.
             projected = ops.tensordot(x, ops.cast(kernel, x.dtype), axes=1) + ops.cast(bias, x.dtype)
+        else:
+            projected = _matmul_plus_bias(
+                x, ops.reshape(kernel, (width, 3 * width)), ops.reshape(bias, (3 * width,)), bias_as_row=True
+            )
+        projected = ops.reshape(projected, (batch, -1, 3, heads, head))
+        if keras.backend.backend() != "tensorflow":
             # The fused (flash) kernels of JAX and PyTorch take (batch, tokens, heads, head).
-            query, key, value = ops.unstack(ops.reshape(projected, (batch, -1, 3, heads, head)), 3, axis=2)
+            query, key, value = ops.unstack(projected, 3, axis=2)
             attended = ops.dot_product_attention(query, key, value, scale=1.0)
             return ops.reshape(attended, (-1, width))
-        projected = _matmul_plus_bias(x, ops.reshape(kernel, (width, 3 * width)), ops.reshape(bias, (3 * width,)))
-        projected = ops.reshape(projected, (batch, -1, 3, heads, head))
         # TensorFlow has no fused attention and its einsum would transpose each
         # of query, key, value and the result: move the heads forward once.
         # unstack, not slices: a slice's gradient is a full-size scatter (it
@@ -624,9 +644,14 @@ class TransformerBlock(layers.Layer):
         width = dense.kernel.shape[-1]
         return _matmul_plus_bias(attended, ops.reshape(dense.kernel, (width, width)), dense.bias)
 
+    def _dropout(self, y, training):
+        # Not a layer call where it does nothing: on PyTorch each call costs
+        # as much Python as a small matmul.
+        return self.dropout(y, training=training) if training and self.dropout_rate else y
+
     def _residual_branch(self, y, batch, training):
         """Dropout, then drop-path, which drops whole images: it needs the batch axis back."""
-        y = self.dropout(y, training=training)
+        y = self._dropout(y, training)
         if training and self.drop_path_rate:
             y = ops.reshape(self.drop_path(ops.reshape(y, (batch, -1, y.shape[-1])), training=training), (-1, y.shape[-1]))
         return y

@@ -304,6 +304,19 @@ def test_a_quantized_block_computes_with_its_int8_kernels_and_scales():
     np.testing.assert_allclose(int8_output, float_output, atol=0.1 * np.abs(float_output).max())
 
 
+def test_a_block_with_only_its_mlp_quantized_applies_the_int8_scales():
+    """The fast path reads the MLP's kernels itself: a quantized Dense must send the block through the layers."""
+    block = _random_block()
+    x = np.random.default_rng(6).normal(size=(2, 5, 8)).astype("float32")
+    float_output = keras.ops.convert_to_numpy(block(x))
+    block.mlp_in.quantize("int8")
+    block.mlp_out.quantize("int8")
+    assert block.attention.query_dense.quantization_mode is None
+    int8_output = keras.ops.convert_to_numpy(block(x))
+    assert not np.array_equal(int8_output, float_output)
+    np.testing.assert_allclose(int8_output, float_output, atol=0.1 * np.abs(float_output).max())
+
+
 def test_mha_kernels_have_official_shapes():
     block = vit_layers.TransformerBlock(num_heads=4, mlp_dim=64)
     block.build((None, 17, 32))
