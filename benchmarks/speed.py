@@ -28,11 +28,14 @@ ran at that speed.
 
 Every figure is the median of --rounds rounds with the min-max; in each round
 every engine runs every contender in turn. Printed: the CPU (AMX,
-AVX512_BF16), a table of img/s with each figure's ratio to timm's, and the
-ratios issue 19 sets goals for.
+AVX512_BF16), a table of img/s with each figure's ratio to timm's, the
+ratios issue 19 sets goals for, and keras_vit on torch beside timm with the
+tanh GELU (engine timm_tanh): timm's default GELU is the exact (erf) one,
+whose torch CPU kernel is several times faster than the tanh form that
+keras_vit and the official model use.
 
     python benchmarks/speed.py [--model B/16] [--batch 8] [--rounds 5] [--repeats 1]
-                               [--engines tensorflow,jax,torch,torch_compiled,keras_hub,timm] [--tiny]
+                               [--engines tensorflow,jax,torch,torch_compiled,keras_hub,timm,timm_tanh] [--tiny]
 
 --tiny: a 2-block, 64-wide ViT at 32 px: a smoke test of the whole path.
 Needs the `bench` and `parity` extras (keras_hub, timm; `.ci/run` installs them).
@@ -60,6 +63,7 @@ ENGINES = {  # engine: (label, KERAS_BACKEND of its process)
     "torch_compiled": ("keras_vit torch, jit", "torch"),  # compile(jit_compile=True): torch.compile
     "keras_hub": ("keras_hub TensorFlow", "tensorflow"),
     "timm": ("timm eager", "torch"),
+    "timm_tanh": ("timm eager, tanh GELU", "torch"),  # keras_vit's (the official) GELU: the same math
 }
 ROOFLINES = {"tensorflow": "TensorFlow", "timm": "torch"}  # the engines that also time the roofline matmul
 PRECISIONS = ("float32", "bf16")
@@ -119,8 +123,9 @@ def keras_contenders(engine, config, size, images, labels):
     return calls
 
 
-def timm_contenders(config, size, images, labels):
-    """{(phase, precision): call} of timm's ViT of the same shape, eager."""
+def timm_contenders(config, size, images, labels, act_layer=None):
+    """{(phase, precision): call} of timm's ViT of the same shape, eager: its own
+    default GELU (exact, erf), or `act_layer="gelu_tanh"`, keras_vit's."""
     import torch
 
     sys.modules.setdefault("triton", None)  # not needed on a CPU
@@ -128,7 +133,8 @@ def timm_contenders(config, size, images, labels):
 
     model = VisionTransformer(img_size=size, patch_size=config["patch_size"], embed_dim=config["hidden_size"],
                               depth=config["depth"], num_heads=config["num_heads"],
-                              mlp_ratio=config["mlp_dim"] / config["hidden_size"], num_classes=CLASSES)
+                              mlp_ratio=config["mlp_dim"] / config["hidden_size"], num_classes=CLASSES,
+                              act_layer=act_layer)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     y = torch.from_numpy(labels)
@@ -198,8 +204,8 @@ def worker(args):
     labels = rng.integers(0, CLASSES, args.batch)
     start = time.perf_counter()
     try:
-        if args.worker == "timm":
-            calls = timm_contenders(config, size, images, labels)
+        if args.worker.startswith("timm"):
+            calls = timm_contenders(config, size, images, labels, "gelu_tanh" if args.worker == "timm_tanh" else None)
         else:
             calls = keras_contenders(args.worker, config, size, images, labels)
         for call in calls.values():  # tracing, XLA compilation, first allocations: outside the rounds
@@ -273,6 +279,14 @@ def print_report(rounds, errors, header, flops, engines, args):
             ratio = statistics.median(values) / theirs
             print(f"goal: {ENGINES[engine][0]} {phase} {precision} / timm = {ratio:.2f} "
                   f"({'meets' if ratio >= goal else 'below'} the goal >= {goal})")
+    # timm's ViT uses the exact GELU, keras_vit the official tanh form, whose
+    # kernel is several times slower on PyTorch's CPU: the same math, side by side.
+    same = {key: statistics.median(values) for key, values in rounds.get("timm_tanh", {}).items()}
+    for engine in ("torch", "torch_compiled"):
+        for column, values in rounds.get(engine, {}).items():
+            if same.get(column):
+                print(f"same GELU: {ENGINES[engine][0]} {column.replace('/', ' ')} / timm with tanh GELU = "
+                      f"{statistics.median(values) / same[column]:.2f}")
 
 
 def main(argv=None):

@@ -132,12 +132,13 @@ def test_speed_reports_every_backend_beside_timm_with_the_issues_goals(capsys):
                  "train/float32": [2.5, 2.6, 2.7], "train/bf16": [6.0, 6.0, 6.0], "roofline/bf16": [900.0, 1000.0, 1100.0]},
         "torch": {"predict/float32": [8.0, 8.2, 8.4], "predict/bf16": [22.0, 23.1, 24.0],
                   "train/float32": [2.4, 2.5, 2.6], "train/bf16": [5.0, 5.4, 6.0]},
+        "timm_tanh": {"predict/bf16": [15.0, 16.0, 17.0]},
         "tensorflow": {"predict/float32": [7.0, 7.5, 8.0], "predict/bf16": [13.0, 14.0, 15.0],
                        "train/float32": [2.4, 2.4, 2.4], "train/bf16": [4.0, 4.2, 4.4],
                        "roofline/float32": [300.0, 330.0, 340.0]},
     }
     speed.print_report(rounds, {"jax": "ModuleNotFoundError: jax"}, "HEADER", flops=35.0e9,
-                       engines=["tensorflow", "jax", "torch", "timm"], args=SpeedArgs())
+                       engines=["tensorflow", "jax", "torch", "timm", "timm_tanh"], args=SpeedArgs())
     out = capsys.readouterr().out
     assert out.startswith("HEADER\n")
     assert "keras_vit JAX          not run: ModuleNotFoundError: jax" in out
@@ -149,6 +150,9 @@ def test_speed_reports_every_backend_beside_timm_with_the_issues_goals(capsys):
     assert "goal: keras_vit TensorFlow predict bf16 / timm = 0.67 (below the goal >= 0.7)" in out
     assert "goal: keras_vit TensorFlow train bf16 / timm = 0.70 (below the goal >= 0.8)" in out
     assert "goal: keras_vit TensorFlow predict float32 / timm = 0.88 (below the goal >= 0.95)" in out
+    assert "16.00 [15.00-17.00] (0.76x)" in out  # timm with the tanh GELU, beside its default
+    assert "same GELU: keras_vit torch predict bf16 / timm with tanh GELU = 1.44" in out
+    assert "same GELU: keras_vit torch train bf16" not in out  # timm_tanh's training step was not timed
 
 
 def test_speed_roofline_call_lasts_about_the_time_asked():
