@@ -444,21 +444,28 @@ class DropPath(layers.Layer):
         return config
 
 
-def _matmul_plus_bias(x, kernel, bias, bias_as_row=False):
-    """x . kernel + bias in x's dtype.
+def _matmul_plus_bias(x, kernel, bias):
+    """x . kernel + bias in x's dtype. ops.add with a 1-D bias is TensorFlow's
+    BiasAdd, which oneDNN fuses into the matmul together with a residual add
+    that follows; a `+` (AddV2) is not fused there."""
+    return ops.add(ops.matmul(x, ops.cast(kernel, x.dtype)), ops.cast(bias, x.dtype))
 
-    On TensorFlow, ops.add with a 1-D bias is BiasAdd, which oneDNN fuses into
-    the matmul together with a residual add that follows; a `+` (AddV2) is not
-    fused there. PyTorch's matmul takes no bias (torch.addmm is not a
-    keras.op), and a separate add is one more pass over a freshly allocated
-    output: with `bias_as_row`, the bias goes into the matmul instead, as the
-    kernel's last row against a column of ones on x. Only for a narrow x: the
-    column copies it."""
-    kernel, bias = ops.cast(kernel, x.dtype), ops.cast(bias, x.dtype)
-    if bias_as_row and keras.backend.backend() == "torch":
-        ones = ops.ones((ops.shape(x)[0], 1), dtype=x.dtype)
-        return ops.matmul(ops.concatenate([x, ones], axis=1), ops.concatenate([kernel, bias[None]], axis=0))
-    return ops.add(ops.matmul(x, kernel), bias)
+
+def _with_ones_column(x):
+    """(rows, n) -> (rows, n + 1): x and a column of ones, for `_matmul_with_bias_row`."""
+    return ops.concatenate([x, ops.ones((ops.shape(x)[0], 1), dtype=x.dtype)], axis=1)
+
+
+def _matmul_with_bias_row(x_with_ones, kernel, bias):
+    """x . kernel + bias as one matmul, the bias being the kernel's last row.
+
+    For PyTorch: its matmul takes no bias (torch.addmm is not a keras.op), and
+    a separate add is one more pass over a freshly allocated output, which was
+    a tenth of a bf16 ViT-B/16 forward pass on a CPU. The kernel is cast
+    before the row goes on, so that its copy is in the compute dtype."""
+    dtype = x_with_ones.dtype
+    kernel = ops.reshape(ops.cast(kernel, dtype), (x_with_ones.shape[-1] - 1, -1))
+    return ops.matmul(x_with_ones, ops.concatenate([kernel, ops.reshape(ops.cast(bias, dtype), (1, -1))], axis=0))
 
 
 def _check_even_split(layer, variables):
@@ -511,7 +518,7 @@ class TransformerBlock(layers.Layer):
     - the tokens of all images are rows of one matrix, so every projection is
       a single 2-D matmul that oneDNN fuses with its bias and residual add
       (on PyTorch, the query/key/value and first MLP biases ride in the
-      matmul as an extra kernel row, `_matmul_plus_bias`);
+      matmul as an extra kernel row, `_matmul_with_bias_row`);
     - query, key and value come from one matmul with the three kernels side by
       side, not three, and the logit scale 1/sqrt(head) is folded into the
       query's weights;
@@ -582,10 +589,14 @@ class TransformerBlock(layers.Layer):
             return self._call_keras_attention(inputs, training, return_attention_scores)
         batch, width = ops.shape(inputs)[0], inputs.shape[-1]
         x = ops.reshape(inputs, (-1, width))  # (batch * tokens, width)
-        attended = self._self_attention(self.norm1(x), batch)
+        attended = self._self_attention(self._norm(self.norm1, x), batch)
         x = x + self._residual_branch(self._attention_output(attended), batch, training)
 
-        y = _matmul_plus_bias(self.norm2(x), self.mlp_in.kernel, self.mlp_in.bias, bias_as_row=True)
+        y = self._norm(self.norm2, x)
+        if keras.backend.backend() == "torch":
+            y = _matmul_with_bias_row(_with_ones_column(y), self.mlp_in.kernel, self.mlp_in.bias)
+        else:
+            y = _matmul_plus_bias(y, self.mlp_in.kernel, self.mlp_in.bias)
         y = keras.activations.gelu(y, approximate=self.gelu_approximate)
         y = self._dropout(y, training)
         y = _matmul_plus_bias(y, self.mlp_out.kernel, self.mlp_out.bias)
@@ -604,10 +615,19 @@ class TransformerBlock(layers.Layer):
         """(batch * tokens, width) -> the heads' attended values, (batch * tokens, width)."""
         width = x.shape[-1]
         heads, head = self.num_heads, width // self.num_heads
-        # One matmul for query, key and value (their kernels side by side),
-        # with the 1/sqrt(head) logit scale folded into the query's weights.
         scale = 1.0 / math.sqrt(head)
         dense = (self.attention.query_dense, self.attention.key_dense, self.attention.value_dense)
+        if keras.backend.backend() == "torch":
+            # A matmul each, on one x with a column of ones: side by side, the
+            # kernels would be copied once more on every call. The flash
+            # kernel applies the logit scale.
+            x = _with_ones_column(x)
+            query, key, value = (
+                ops.reshape(_matmul_with_bias_row(x, d.kernel, d.bias), (batch, -1, heads, head)) for d in dense
+            )
+            return ops.reshape(ops.dot_product_attention(query, key, value, scale=scale), (-1, width))
+        # One matmul for query, key and value (their kernels side by side),
+        # with the 1/sqrt(head) logit scale folded into the query's weights.
         kernels = [ops.reshape(d.kernel, (width, width)) for d in dense]
         biases = [ops.reshape(d.bias, (width,)) for d in dense]
         kernel = ops.stack([kernels[0] * scale, *kernels[1:]], axis=1)  # (width, 3, width)
@@ -616,18 +636,13 @@ class TransformerBlock(layers.Layer):
             # Query, key and value keep an axis of their own (a (width, 3 *
             # width) kernel would mix them): under keras.distribution's model
             # parallelism each device then projects and attends with its own
-            # heads only.
+            # heads only. The fused (flash) kernels take (batch, tokens, heads, head).
             projected = ops.tensordot(x, ops.cast(kernel, x.dtype), axes=1) + ops.cast(bias, x.dtype)
-        else:
-            projected = _matmul_plus_bias(
-                x, ops.reshape(kernel, (width, 3 * width)), ops.reshape(bias, (3 * width,)), bias_as_row=True
-            )
-        projected = ops.reshape(projected, (batch, -1, 3, heads, head))
-        if keras.backend.backend() != "tensorflow":
-            # The fused (flash) kernels of JAX and PyTorch take (batch, tokens, heads, head).
-            query, key, value = ops.unstack(projected, 3, axis=2)
+            query, key, value = ops.unstack(ops.reshape(projected, (batch, -1, 3, heads, head)), 3, axis=2)
             attended = ops.dot_product_attention(query, key, value, scale=1.0)
             return ops.reshape(attended, (-1, width))
+        projected = _matmul_plus_bias(x, ops.reshape(kernel, (width, 3 * width)), ops.reshape(bias, (3 * width,)))
+        projected = ops.reshape(projected, (batch, -1, 3, heads, head))
         # TensorFlow has no fused attention and its einsum would transpose each
         # of query, key, value and the result: move the heads forward once.
         # unstack, not slices: a slice's gradient is a full-size scatter (it
@@ -644,9 +659,14 @@ class TransformerBlock(layers.Layer):
         width = dense.kernel.shape[-1]
         return _matmul_plus_bias(attended, ops.reshape(dense.kernel, (width, width)), dense.bias)
 
+    def _norm(self, norm, x):
+        # What `norm`'s own call computes (in float32, whatever x's dtype),
+        # without a layer call: on PyTorch the Python of a Keras layer call
+        # costs as much as a layer norm over all tokens of ViT-B/16.
+        return ops.cast(ops.layer_normalization(x, norm.gamma, norm.beta, epsilon=norm.epsilon), norm.compute_dtype)
+
     def _dropout(self, y, training):
-        # Not a layer call where it does nothing: on PyTorch each call costs
-        # as much Python as a small matmul.
+        # No layer call where it does nothing (see _norm).
         return self.dropout(y, training=training) if training and self.dropout_rate else y
 
     def _residual_branch(self, y, batch, training):
