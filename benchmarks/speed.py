@@ -65,6 +65,7 @@ ENGINES = {  # engine: (label, KERAS_BACKEND of its process)
     "timm": ("timm eager", "torch"),
     "timm_tanh": ("timm eager, tanh GELU", "torch"),  # keras_vit's (the official) GELU: the same math
 }
+TIMM_ACT_LAYERS = {"timm": None, "timm_tanh": "gelu_tanh"}  # timm's engines: act_layer (None: timm's default)
 ROOFLINES = {"tensorflow": "TensorFlow", "timm": "torch"}  # the engines that also time the roofline matmul
 PRECISIONS = ("float32", "bf16")
 PHASES = ("predict", "train")
@@ -205,7 +206,7 @@ def worker(args):
     start = time.perf_counter()
     try:
         if args.worker.startswith("timm"):
-            calls = timm_contenders(config, size, images, labels, "gelu_tanh" if args.worker == "timm_tanh" else None)
+            calls = timm_contenders(config, size, images, labels, TIMM_ACT_LAYERS[args.worker])
         else:
             calls = keras_contenders(args.worker, config, size, images, labels)
         for call in calls.values():  # tracing, XLA compilation, first allocations: outside the rounds

@@ -170,3 +170,28 @@ def test_speed_roofline_call_lasts_about_the_time_asked():
     calls.clear()
     repeated()
     assert len(calls) == n
+
+
+def test_speed_timm_tanh_engine_is_timm_with_the_tanh_gelu():
+    """The "same GELU" ratios are only fair if that engine really computes the tanh GELU."""
+    import numpy as np
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    speed = load_benchmark("speed")
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    outputs = {}
+    for engine, act_layer in speed.TIMM_ACT_LAYERS.items():
+        torch.manual_seed(0)
+        outputs[engine] = speed.timm_contenders(speed.TINY, 32, images, np.zeros(2, "int64"), act_layer)[
+            "predict", "float32"]()
+    torch.manual_seed(0)  # the same weights, built here with the tanh GELU
+    config = speed.TINY
+    reference = VisionTransformer(img_size=32, patch_size=config["patch_size"], embed_dim=config["hidden_size"],
+                                  depth=config["depth"], num_heads=config["num_heads"],
+                                  mlp_ratio=config["mlp_dim"] / config["hidden_size"], num_classes=speed.CLASSES,
+                                  act_layer="gelu_tanh").eval()
+    with torch.inference_mode():
+        expected = reference(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(outputs["timm_tanh"], expected, atol=1e-6)
+    assert not np.allclose(outputs["timm"], expected, atol=1e-6)  # timm's own default is the exact GELU

@@ -92,6 +92,36 @@ def test_transformer_block_matches_reference_numpy():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(scores), probs, atol=1e-5)
 
 
+def test_the_block_normalizes_with_epsilon_1e6_even_for_near_constant_tokens():
+    """Tokens whose variance (1e-6) is of the order of the epsilon: a wrong epsilon shows."""
+    block = _random_block()
+    x = 5.0 + 1e-3 * np.random.default_rng(3).normal(size=(2, 5, 8)).astype("float32")
+    v = {w.path.split("/", 1)[1]: keras.ops.convert_to_numpy(w) for w in block.weights}
+    normalized = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    expected = normalized * v["norm1/gamma"] + v["norm1/beta"]
+    query = np.einsum("btd,dhk->bthk", expected, v["attention/query/kernel"]) + v["attention/query/bias"]
+    _, scores = block(x, return_attention_scores=True)  # both paths: through MultiHeadAttention, and fast
+    logits = np.einsum("bqhk,bshk->bhqs", query / np.sqrt(query.shape[-1]),
+                       np.einsum("btd,dhk->bthk", expected, v["attention/key/kernel"]) + v["attention/key/bias"])
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(scores), probs / probs.sum(-1, keepdims=True), atol=1e-4)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(block(x)), keras.ops.convert_to_numpy(block(x, return_attention_scores=True)[0]), atol=1e-4)
+
+
+def test_under_mixed_bfloat16_the_block_computes_and_returns_bfloat16():
+    float_block = _random_block()
+    x = np.random.default_rng(3).normal(size=(2, 5, 8)).astype("float32")
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        block = _random_block()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    out = block(x)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")),
+                               keras.ops.convert_to_numpy(float_block(x)), atol=0.05 * np.abs(x).max() + 0.1)
+
+
 def _random_block(seed=4, **kwargs):
     block = vit_layers.TransformerBlock(num_heads=2, mlp_dim=12, **kwargs)
     block.build((None, 5, 8))
