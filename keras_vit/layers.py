@@ -460,9 +460,9 @@ def _matmul_with_bias_row(x_with_ones, kernel, bias):
     """x . kernel + bias as one matmul, the bias being the kernel's last row.
 
     For PyTorch: its matmul takes no bias (torch.addmm is not a keras.op), and
-    a separate add is one more pass over a freshly allocated output, which was
-    a tenth of a bf16 ViT-B/16 forward pass on a CPU. The kernel is cast
-    before the row goes on, so that its copy is in the compute dtype."""
+    a separate add is one more pass over a freshly allocated output (40 of
+    515 ms of ops in a bf16 ViT-B/16 forward pass on a CPU). The kernel is
+    cast before the row goes on, so that its copy is in the compute dtype."""
     dtype = x_with_ones.dtype
     kernel = ops.reshape(ops.cast(kernel, dtype), (x_with_ones.shape[-1] - 1, -1))
     return ops.matmul(x_with_ones, ops.concatenate([kernel, ops.reshape(ops.cast(bias, dtype), (1, -1))], axis=0))
@@ -519,9 +519,11 @@ class TransformerBlock(layers.Layer):
       a single 2-D matmul that oneDNN fuses with its bias and residual add
       (on PyTorch, the query/key/value and first MLP biases ride in the
       matmul as an extra kernel row, `_matmul_with_bias_row`);
-    - query, key and value come from one matmul with the three kernels side by
-      side, not three, and the logit scale 1/sqrt(head) is folded into the
-      query's weights;
+    - on TensorFlow and JAX, query, key and value come from one matmul with
+      the three kernels side by side, not three, and the logit scale
+      1/sqrt(head) is folded into the query's weights; on PyTorch, three
+      matmuls on one input (no copy of the three kernels side by side at
+      every call), the flash kernel applying the scale;
     - on JAX and PyTorch, `keras.ops.dot_product_attention` does the attention
       itself (the flash kernels on GPUs); on TensorFlow, which has none, two
       einsums with the heads moved forward once, softmax in float32.
@@ -618,9 +620,7 @@ class TransformerBlock(layers.Layer):
         scale = 1.0 / math.sqrt(head)
         dense = (self.attention.query_dense, self.attention.key_dense, self.attention.value_dense)
         if keras.backend.backend() == "torch":
-            # A matmul each, on one x with a column of ones: side by side, the
-            # kernels would be copied once more on every call. The flash
-            # kernel applies the logit scale.
+            # A matmul each, on one x with a column of ones.
             x = _with_ones_column(x)
             query, key, value = (
                 ops.reshape(_matmul_with_bias_row(x, d.kernel, d.bias), (batch, -1, heads, head)) for d in dense
