@@ -180,6 +180,53 @@ def test_the_fast_path_trains_the_same_weights_as_multi_head_attentions_own_call
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=variable.path)
 
 
+def test_under_mixed_bfloat16_the_fast_path_is_as_accurate_as_multi_head_attentions_own_call():
+    """bf16 (on PyTorch's CPU its own branch: explicit attention, softmax on
+    bf16 logits): outputs and weight gradients no further from the float32
+    block than MultiHeadAttention's own bf16 call is. 16-wide heads and
+    logits of a few units, so that a lost 1/sqrt(head) scale, a softmax over
+    the wrong axis or a key not transposed shows."""
+    def block(seed=5):
+        block = vit_layers.TransformerBlock(num_heads=2, mlp_dim=48)
+        block.build((None, 7, 32))
+        rng = np.random.default_rng(seed)
+        for w in block.weights:
+            w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+        return block
+
+    x = np.random.default_rng(6).normal(size=(3, 7, 32)).astype("float32")
+    float_block = block()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        bf16_block = block()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    explicit_calls = []
+    if keras.backend.backend() == "torch":  # the branch this test is for runs
+        explicit = bf16_block._explicit_attention
+        bf16_block._explicit_attention = lambda *args: explicit_calls.append(1) or explicit(*args)
+
+    def as_float(y):
+        return keras.ops.convert_to_numpy(keras.ops.cast(y, "float32"))
+
+    def distance(got, want):
+        return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+    want = as_float(float_block(x))
+    out = bf16_block(x)
+    if keras.backend.backend() == "torch":
+        assert explicit_calls == ([1] if out.device.type == "cpu" else [])
+    fast = distance(as_float(out), want)
+    through_keras_attention = distance(as_float(bf16_block(x, return_attention_scores=True)[0]), want)
+    assert 0 < fast <= 2 * through_keras_attention + 1e-3, (fast, through_keras_attention)
+
+    want = _weight_gradients(float_block, x)
+    fast = _weight_gradients(bf16_block, x)
+    through_keras_attention = _weight_gradients(bf16_block, x, return_attention_scores=True)
+    for variable, w, f, k in zip(bf16_block.trainable_variables, want, fast, through_keras_attention):
+        assert distance(f, w) <= 2 * distance(k, w) + 1e-3, (variable.path, distance(f, w), distance(k, w))
+
+
 def test_drop_path_in_the_fast_path_drops_whole_images():
     block = _random_block(drop_path_rate=0.7)
     x = np.random.default_rng(5).normal(size=(32, 5, 8)).astype("float32")
