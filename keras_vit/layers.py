@@ -523,10 +523,14 @@ class TransformerBlock(layers.Layer):
       the three kernels side by side, not three, and the logit scale
       1/sqrt(head) is folded into the query's weights; on PyTorch, three
       matmuls on one input (no copy of the three kernels side by side at
-      every call), the flash kernel applying the scale;
+      every call), the flash kernel applying the scale (or, in bfloat16 on
+      a CPU, the query's weights, as on the other backends);
     - on JAX and PyTorch, `keras.ops.dot_product_attention` does the attention
-      itself (the flash kernels on GPUs); on TensorFlow, which has none, two
-      einsums with the heads moved forward once, softmax in float32.
+      itself (the flash kernels on GPUs), except on PyTorch in bfloat16 on a
+      CPU, where torch's fused kernel is slower than two batched matmuls with
+      a softmax on the bfloat16 logits between them (`_explicit_attention`);
+      on TensorFlow, which has none, two einsums with the heads moved forward
+      once, softmax in float32.
     """
 
     def __init__(
