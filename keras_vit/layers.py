@@ -451,21 +451,27 @@ def _matmul_plus_bias(x, kernel, bias):
     return ops.add(ops.matmul(x, ops.cast(kernel, x.dtype)), ops.cast(bias, x.dtype))
 
 
-def _with_ones_column(x):
-    """(rows, n) -> (rows, n + 1): x and a column of ones, for `_matmul_with_bias_row`."""
-    return ops.concatenate([x, ops.ones((ops.shape(x)[0], 1), dtype=x.dtype)], axis=1)
+def _torch_projections(x, kernels_and_biases):
+    """PyTorch: [x . kernel + bias for each (kernel, bias)], on one 2-D x.
 
-
-def _matmul_with_bias_row(x_with_ones, kernel, bias):
-    """x . kernel + bias as one matmul, the bias being the kernel's last row.
-
-    For PyTorch: its matmul takes no bias (torch.addmm is not a keras.op), and
-    a separate add is one more pass over a freshly allocated output (40 of
-    515 ms of ops in a bf16 ViT-B/16 forward pass on a CPU). The kernel is
-    cast before the row goes on, so that its copy is in the compute dtype."""
-    dtype = x_with_ones.dtype
-    kernel = ops.reshape(ops.cast(kernel, dtype), (x_with_ones.shape[-1] - 1, -1))
-    return ops.matmul(x_with_ones, ops.concatenate([kernel, ops.reshape(ops.cast(bias, dtype), (1, -1))], axis=0))
+    torch's matmul takes no bias (torch.addmm is not a keras.op), and a
+    separate add is one more pass over a freshly allocated output (40 of 515
+    ms of ops in a bf16 ViT-B/16 forward pass on a CPU). Where the kernels
+    are cast to x's dtype at every call anyway (mixed precision), the bias
+    rides in the matmul as the cast kernel's last row, against a column of
+    ones on x. Where they are not (float32), copying each kernel with its
+    bias row would cost more than the add (4-5% of a float32 forward pass)."""
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    width = x.shape[-1]
+    if all(keras.backend.standardize_dtype(kernel.dtype) == dtype for kernel, _ in kernels_and_biases):
+        return [_matmul_plus_bias(x, ops.reshape(kernel, (width, -1)), ops.reshape(bias, (-1,)))
+                for kernel, bias in kernels_and_biases]  # fmt: skip
+    x = ops.concatenate([x, ops.ones((ops.shape(x)[0], 1), dtype=dtype)], axis=1)
+    return [
+        ops.matmul(x, ops.concatenate([ops.reshape(ops.cast(kernel, dtype), (width, -1)),
+                                       ops.reshape(ops.cast(bias, dtype), (1, -1))], axis=0))
+        for kernel, bias in kernels_and_biases
+    ]  # fmt: skip
 
 
 def _check_even_split(layer, variables):
@@ -517,8 +523,8 @@ class TransformerBlock(layers.Layer):
     the fast path, which uses the same variables differently, for speed:
     - the tokens of all images are rows of one matrix, so every projection is
       a single 2-D matmul that oneDNN fuses with its bias and residual add
-      (on PyTorch, the query/key/value and first MLP biases ride in the
-      matmul as an extra kernel row, `_matmul_with_bias_row`);
+      (on PyTorch under mixed precision, the query/key/value and first MLP
+      biases ride in the matmul as an extra kernel row, `_torch_projections`);
     - on TensorFlow and JAX, query, key and value come from one matmul with
       the three kernels side by side, not three, and the logit scale
       1/sqrt(head) is folded into the query's weights; on PyTorch, three
@@ -600,7 +606,7 @@ class TransformerBlock(layers.Layer):
 
         y = self._norm(self.norm2, x)
         if keras.backend.backend() == "torch":
-            y = _matmul_with_bias_row(_with_ones_column(y), self.mlp_in.kernel, self.mlp_in.bias)
+            (y,) = _torch_projections(y, [(self.mlp_in.kernel, self.mlp_in.bias)])
         else:
             y = _matmul_plus_bias(y, self.mlp_in.kernel, self.mlp_in.bias)
         y = keras.activations.gelu(y, approximate=self.gelu_approximate)
@@ -624,12 +630,11 @@ class TransformerBlock(layers.Layer):
         scale = 1.0 / math.sqrt(head)
         dense = (self.attention.query_dense, self.attention.key_dense, self.attention.value_dense)
         if keras.backend.backend() == "torch":
-            # A matmul each, on one x with a column of ones.
-            x = _with_ones_column(x)
+            # A matmul each, on one x.
             if keras.backend.standardize_dtype(x.dtype) == "bfloat16" and x.device.type == "cpu":
                 return self._explicit_attention(x, batch)
             query, key, value = (
-                ops.reshape(_matmul_with_bias_row(x, d.kernel, d.bias), (batch, -1, heads, head)) for d in dense
+                ops.reshape(y, (batch, -1, heads, head)) for y in _torch_projections(x, [(d.kernel, d.bias) for d in dense])
             )
             return ops.reshape(ops.dot_product_attention(query, key, value, scale=scale), (-1, width))
         # One matmul for query, key and value (their kernels side by side),
@@ -659,13 +664,13 @@ class TransformerBlock(layers.Layer):
         attended = ops.einsum("bnts,bnsh->bnth", weights, value)  # (batch, heads, tokens, head)
         return ops.reshape(ops.transpose(attended, (0, 2, 1, 3)), (-1, width))
 
-    def _explicit_attention(self, x_with_ones, batch):
+    def _explicit_attention(self, x, batch):
         """PyTorch, bfloat16, CPU: softmax(query . key^T) . value as two
         batched matmuls, softmax on the bfloat16 logits, the 1/sqrt(head)
         scale folded into the query's weights (in float32, before the cast).
         On CPUs torch's fused attention kernel is 1.5 to 2.5 times slower than
         this in bfloat16 (not in float32, where it stays faster)."""
-        width = x_with_ones.shape[-1] - 1
+        width = x.shape[-1]
         heads, head = self.num_heads, width // self.num_heads
         scale = 1.0 / math.sqrt(head)
         attention = self.attention
@@ -674,10 +679,7 @@ class TransformerBlock(layers.Layer):
             (attention.key_dense.kernel, attention.key_dense.bias),
             (attention.value_dense.kernel, attention.value_dense.bias),
         ]
-        query, key, value = (
-            ops.reshape(_matmul_with_bias_row(x_with_ones, kernel, bias), (batch, -1, heads, head))
-            for kernel, bias in projections
-        )
+        query, key, value = (ops.reshape(y, (batch, -1, heads, head)) for y in _torch_projections(x, projections))
         logits = ops.matmul(ops.transpose(query, (0, 2, 1, 3)), ops.transpose(key, (0, 2, 3, 1)))
         attended = ops.matmul(ops.softmax(logits, axis=-1), ops.transpose(value, (0, 2, 1, 3)))
         return ops.reshape(ops.transpose(attended, (0, 2, 1, 3)), (-1, width))  # (batch * tokens, width)
