@@ -451,19 +451,18 @@ def _matmul_plus_bias(x, kernel, bias):
     return ops.add(ops.matmul(x, ops.cast(kernel, x.dtype)), ops.cast(bias, x.dtype))
 
 
-def _torch_projections(x, kernels_and_biases):
+def _torch_projections(x, kernels_and_biases, bias_row):
     """PyTorch: [x . kernel + bias for each (kernel, bias)], on one 2-D x.
 
     torch's matmul takes no bias (torch.addmm is not a keras.op), and a
     separate add is one more pass over a freshly allocated output (40 of 515
-    ms of ops in a bf16 ViT-B/16 forward pass on a CPU). Where the kernels
-    are cast to x's dtype at every call anyway (mixed precision), the bias
-    rides in the matmul as the cast kernel's last row, against a column of
-    ones on x. Where they are not (float32), copying each kernel with its
-    bias row would cost more than the add (4-5% of a float32 forward pass)."""
+    ms of ops in a bf16 ViT-B/16 forward pass on a CPU). With `bias_row`,
+    the bias rides in the matmul as the kernel's last row, against a column
+    of ones on x: `TransformerBlock._bias_as_kernel_row` says when that
+    pays."""
     dtype = keras.backend.standardize_dtype(x.dtype)
     width = x.shape[-1]
-    if all(keras.backend.standardize_dtype(kernel.dtype) == dtype for kernel, _ in kernels_and_biases):
+    if not bias_row:
         return [_matmul_plus_bias(x, ops.reshape(kernel, (width, -1)), ops.reshape(bias, (-1,)))
                 for kernel, bias in kernels_and_biases]  # fmt: skip
     x = ops.concatenate([x, ops.ones((ops.shape(x)[0], 1), dtype=dtype)], axis=1)
@@ -523,8 +522,9 @@ class TransformerBlock(layers.Layer):
     the fast path, which uses the same variables differently, for speed:
     - the tokens of all images are rows of one matrix, so every projection is
       a single 2-D matmul that oneDNN fuses with its bias and residual add
-      (on PyTorch under mixed precision, the query/key/value and first MLP
-      biases ride in the matmul as an extra kernel row, `_torch_projections`);
+      (on PyTorch, in inference under mixed precision, the query/key/value
+      and first MLP biases ride in the matmul as an extra kernel row,
+      `_torch_projections`);
     - on TensorFlow and JAX, query, key and value come from one matmul with
       the three kernels side by side, not three, and the logit scale
       1/sqrt(head) is folded into the query's weights; on PyTorch, three
@@ -601,12 +601,12 @@ class TransformerBlock(layers.Layer):
             return self._call_keras_attention(inputs, training, return_attention_scores)
         batch, width = ops.shape(inputs)[0], inputs.shape[-1]
         x = ops.reshape(inputs, (-1, width))  # (batch * tokens, width)
-        attended = self._self_attention(self._norm(self.norm1, x), batch)
+        attended = self._self_attention(self._norm(self.norm1, x), batch, training)
         x = x + self._residual_branch(self._attention_output(attended), batch, training)
 
         y = self._norm(self.norm2, x)
         if keras.backend.backend() == "torch":
-            (y,) = _torch_projections(y, [(self.mlp_in.kernel, self.mlp_in.bias)])
+            (y,) = _torch_projections(y, [(self.mlp_in.kernel, self.mlp_in.bias)], self._bias_as_kernel_row(training))
         else:
             y = _matmul_plus_bias(y, self.mlp_in.kernel, self.mlp_in.bias)
         y = keras.activations.gelu(y, approximate=self.gelu_approximate)
@@ -614,6 +614,17 @@ class TransformerBlock(layers.Layer):
         y = _matmul_plus_bias(y, self.mlp_out.kernel, self.mlp_out.bias)
         x = x + self._residual_branch(y, batch, training)
         return ops.reshape(x, ops.shape(inputs))
+
+    def _bias_as_kernel_row(self, training):
+        """PyTorch: whether a projection takes its bias as one more kernel row
+        (`_torch_projections`). Only in inference under a mixed precision
+        policy, where each kernel is cast (copied) at every call anyway: in
+        float32 the kernel is used as it is, and its copy with a bias row
+        cost more than the add (3% of a float32 forward pass of ViT-B/16 on a
+        CPU, 8% of a training step); in a bf16 training step the row's
+        gradient cost more than the add's (4-5%). (Inside a layer call Keras
+        reports a variable's dtype as the compute dtype: the policy tells.)"""
+        return not training and self.dtype_policy.variable_dtype != self.dtype_policy.compute_dtype
 
     def _quantized(self):
         # After `model.quantize(...)` a kernel is stored in int8 with separate
@@ -623,7 +634,7 @@ class TransformerBlock(layers.Layer):
                  self.mlp_in, self.mlp_out)  # fmt: skip
         return any(layer.quantization_mode is not None for layer in dense)
 
-    def _self_attention(self, x, batch):
+    def _self_attention(self, x, batch, training):
         """(batch * tokens, width) -> the heads' attended values, (batch * tokens, width)."""
         width = x.shape[-1]
         heads, head = self.num_heads, width // self.num_heads
@@ -632,10 +643,9 @@ class TransformerBlock(layers.Layer):
         if keras.backend.backend() == "torch":
             # A matmul each, on one x.
             if keras.backend.standardize_dtype(x.dtype) == "bfloat16" and x.device.type == "cpu":
-                return self._explicit_attention(x, batch)
-            query, key, value = (
-                ops.reshape(y, (batch, -1, heads, head)) for y in _torch_projections(x, [(d.kernel, d.bias) for d in dense])
-            )
+                return self._explicit_attention(x, batch, training)
+            projected = _torch_projections(x, [(d.kernel, d.bias) for d in dense], self._bias_as_kernel_row(training))
+            query, key, value = (ops.reshape(y, (batch, -1, heads, head)) for y in projected)
             return ops.reshape(ops.dot_product_attention(query, key, value, scale=scale), (-1, width))
         # One matmul for query, key and value (their kernels side by side),
         # with the 1/sqrt(head) logit scale folded into the query's weights.
@@ -664,7 +674,7 @@ class TransformerBlock(layers.Layer):
         attended = ops.einsum("bnts,bnsh->bnth", weights, value)  # (batch, heads, tokens, head)
         return ops.reshape(ops.transpose(attended, (0, 2, 1, 3)), (-1, width))
 
-    def _explicit_attention(self, x, batch):
+    def _explicit_attention(self, x, batch, training):
         """PyTorch, bfloat16, CPU: softmax(query . key^T) . value as two
         batched matmuls, softmax on the bfloat16 logits, the 1/sqrt(head)
         scale folded into the query's weights (in float32, before the cast).
@@ -679,7 +689,8 @@ class TransformerBlock(layers.Layer):
             (attention.key_dense.kernel, attention.key_dense.bias),
             (attention.value_dense.kernel, attention.value_dense.bias),
         ]
-        query, key, value = (ops.reshape(y, (batch, -1, heads, head)) for y in _torch_projections(x, projections))
+        projected = _torch_projections(x, projections, self._bias_as_kernel_row(training))
+        query, key, value = (ops.reshape(y, (batch, -1, heads, head)) for y in projected)
         logits = ops.matmul(ops.transpose(query, (0, 2, 1, 3)), ops.transpose(key, (0, 2, 3, 1)))
         attended = ops.matmul(ops.softmax(logits, axis=-1), ops.transpose(value, (0, 2, 1, 3)))
         return ops.reshape(ops.transpose(attended, (0, 2, 1, 3)), (-1, width))  # (batch * tokens, width)
