@@ -122,9 +122,9 @@ def test_under_mixed_bfloat16_the_block_computes_and_returns_bfloat16():
                                keras.ops.convert_to_numpy(float_block(x)), atol=0.05 * np.abs(x).max() + 0.1)
 
 
-def _random_block(seed=4, **kwargs):
-    block = vit_layers.TransformerBlock(num_heads=2, mlp_dim=12, **kwargs)
-    block.build((None, 5, 8))
+def _random_block(seed=4, width=8, mlp_dim=12, **kwargs):
+    block = vit_layers.TransformerBlock(num_heads=2, mlp_dim=mlp_dim, **kwargs)
+    block.build((None, 5, width))
     rng = np.random.default_rng(seed)
     for w in block.weights:
         w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
@@ -186,19 +186,11 @@ def test_under_mixed_bfloat16_the_fast_path_is_as_accurate_as_multi_head_attenti
     block than MultiHeadAttention's own bf16 call is. 16-wide heads and
     logits of a few units, so that a lost 1/sqrt(head) scale, a softmax over
     the wrong axis or a key not transposed shows."""
-    def block(seed=5):
-        block = vit_layers.TransformerBlock(num_heads=2, mlp_dim=48)
-        block.build((None, 7, 32))
-        rng = np.random.default_rng(seed)
-        for w in block.weights:
-            w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
-        return block
-
     x = np.random.default_rng(6).normal(size=(3, 7, 32)).astype("float32")
-    float_block = block()
+    float_block = _random_block(seed=5, width=32, mlp_dim=48)
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        bf16_block = block()
+        bf16_block = _random_block(seed=5, width=32, mlp_dim=48)
     finally:
         keras.config.set_dtype_policy("float32")
     explicit_calls = []
