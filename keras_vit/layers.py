@@ -677,7 +677,8 @@ class TransformerBlock(layers.Layer):
     def _explicit_attention(self, x, batch, training):
         """PyTorch, bfloat16, CPU: softmax(query . key^T) . value as two
         batched matmuls, softmax on the bfloat16 logits, the 1/sqrt(head)
-        scale folded into the query's weights (in float32, before the cast).
+        scale folded into the query's weights (in the compute dtype: inside
+        a layer call Keras hands out variables already cast).
         On CPUs torch's fused attention kernel is 1.5 to 2.5 times slower than
         this in bfloat16 (not in float32, where it stays faster)."""
         width = x.shape[-1]
