@@ -288,8 +288,9 @@ def test_dropout_in_training_draws_the_masks_of_keras_multi_head_attention(dropo
     assert np.abs(ours - keras.ops.convert_to_numpy(block(x))).max() > 0.1  # the rates did drop units
 
 
-def test_training_without_dropout_equals_inference():
-    block = _random_block()
+@pytest.mark.parametrize("gelu_approximate", [True, False])  # training has its own GELU call on TensorFlow
+def test_training_without_dropout_equals_inference(gelu_approximate):
+    block = _random_block(gelu_approximate=gelu_approximate)
     x = np.random.default_rng(9).normal(size=(3, 5, 8)).astype("float32")
     training, inference = (keras.ops.convert_to_numpy(block(x, training=flag)) for flag in (True, False))
     np.testing.assert_array_equal(training, inference)
