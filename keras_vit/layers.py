@@ -535,9 +535,9 @@ class TransformerBlock(layers.Layer):
     the fast path, which uses the same variables differently, for speed:
     - the tokens of all images are rows of one matrix, so every projection is
       a single 2-D matmul that oneDNN fuses with its bias and residual add
-      (on PyTorch, in inference under mixed precision, the query/key/value
-      and first MLP biases ride in the matmul as an extra kernel row,
-      `_torch_projections`);
+      (on PyTorch, in inference under mixed precision and with more tokens
+      than the width, the query/key/value and first MLP biases ride in the
+      matmul as an extra kernel row, `_torch_projections`);
     - on TensorFlow and JAX, query, key and value come from one matmul with
       the three kernels side by side, not three, and the logit scale
       1/sqrt(head) is folded into the query's weights; on PyTorch, three
@@ -621,7 +621,7 @@ class TransformerBlock(layers.Layer):
 
         y = self._norm(self.norm2, x)
         if keras.backend.backend() == "torch":
-            (y,) = _torch_projections(y, [(self.mlp_in.kernel, self.mlp_in.bias)], self._bias_as_kernel_row(training))
+            (y,) = _torch_projections(y, [(self.mlp_in.kernel, self.mlp_in.bias)], self._bias_as_kernel_row(y, training))
         else:
             y = _matmul_plus_bias(y, self.mlp_in.kernel, self.mlp_in.bias)
         y = self._gelu(y, training)
@@ -630,16 +630,22 @@ class TransformerBlock(layers.Layer):
         x = x + self._residual_branch(y, batch, training)
         return ops.reshape(x, ops.shape(inputs))
 
-    def _bias_as_kernel_row(self, training):
-        """PyTorch: whether a projection takes its bias as one more kernel row
-        (`_torch_projections`). Only in inference under a mixed precision
-        policy, where each kernel is cast (copied) at every call anyway: in
-        float32 the kernel is used as it is, and its copy with a bias row
-        cost more than the add (3% of a float32 forward pass of ViT-B/16 on a
-        CPU, 8% of a training step); in a bf16 training step the row's
-        gradient cost more than the add's (4-5%). (Inside a layer call Keras
-        reports a variable's dtype as the compute dtype: the policy tells.)"""
-        return not training and self.dtype_policy.variable_dtype != self.dtype_policy.compute_dtype
+    def _bias_as_kernel_row(self, x, training):
+        """PyTorch: whether the projections of `x` (2-D: tokens, width) take
+        their bias as one more kernel row (`_torch_projections`). Only in
+        inference under a mixed precision policy, where each kernel is cast
+        (copied) at every call anyway: in float32 the kernel is used as it
+        is, and its copy with a bias row cost more than the add (3% of a
+        float32 forward pass of ViT-B/16 on a CPU, 8% of a training step); in
+        a bf16 training step the row's gradient cost more than the add's
+        (4-5%). And only for more tokens than the width: the row copies the
+        kernel (width + 1 rows), the add passes over the output (one row a
+        token), so the row pays only when the output is the larger (bf16
+        predict of ViT-B/16 on a Zen 4 CPU: at batch 8, 1576 tokens, the row
+        3% faster; at batch 1, 197 tokens, the add 3-5% faster). (Inside a layer call Keras reports a variable's
+        dtype as the compute dtype: the policy tells.)"""
+        policy = self.dtype_policy
+        return not training and policy.variable_dtype != policy.compute_dtype and x.shape[0] > x.shape[1]
 
     def _quantized(self):
         # After `model.quantize(...)` a kernel is stored in int8 with separate
@@ -659,7 +665,7 @@ class TransformerBlock(layers.Layer):
             # A matmul each, on one x.
             if keras.backend.standardize_dtype(x.dtype) == "bfloat16" and x.device.type == "cpu":
                 return self._explicit_attention(x, batch, training)
-            projected = _torch_projections(x, [(d.kernel, d.bias) for d in dense], self._bias_as_kernel_row(training))
+            projected = _torch_projections(x, [(d.kernel, d.bias) for d in dense], self._bias_as_kernel_row(x, training))
             query, key, value = (ops.reshape(y, (batch, -1, heads, head)) for y in projected)
             return ops.reshape(ops.dot_product_attention(query, key, value, scale=scale), (-1, width))
         # One matmul for query, key and value (their kernels side by side),
@@ -708,7 +714,7 @@ class TransformerBlock(layers.Layer):
             (attention.key_dense.kernel, attention.key_dense.bias),
             (attention.value_dense.kernel, attention.value_dense.bias),
         ]
-        projected = _torch_projections(x, projections, self._bias_as_kernel_row(training))
+        projected = _torch_projections(x, projections, self._bias_as_kernel_row(x, training))
         query, key, value = (ops.reshape(y, (batch, -1, heads, head)) for y in projected)
         logits = ops.matmul(ops.transpose(query, (0, 2, 1, 3)), ops.transpose(key, (0, 2, 3, 1)))
         attended = ops.matmul(ops.softmax(logits, axis=-1), ops.transpose(value, (0, 2, 1, 3)))

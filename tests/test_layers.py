@@ -180,23 +180,29 @@ def test_the_fast_path_trains_the_same_weights_as_multi_head_attentions_own_call
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=variable.path)
 
 
-def test_under_mixed_bfloat16_the_fast_path_is_as_accurate_as_multi_head_attentions_own_call():
+@pytest.mark.parametrize("tokens", [7, 13], ids=["fewer_tokens_than_width", "more_tokens_than_width"])
+def test_under_mixed_bfloat16_the_fast_path_is_as_accurate_as_multi_head_attentions_own_call(tokens, monkeypatch):
     """bf16 (on PyTorch's CPU its own branch: explicit attention, softmax on
     bf16 logits): outputs and weight gradients no further from the float32
     block than MultiHeadAttention's own bf16 call is. 16-wide heads and
     logits of a few units, so that a lost 1/sqrt(head) scale, a softmax over
-    the wrong axis or a key not transposed shows."""
-    x = np.random.default_rng(6).normal(size=(3, 7, 32)).astype("float32")
+    the wrong axis or a key not transposed shows. On PyTorch in inference the
+    biases are added (3 x 7 tokens, fewer than the width 32) or ride in the
+    matmuls as a kernel row (3 x 13 tokens): both are checked."""
+    x = np.random.default_rng(6).normal(size=(3, tokens, 32)).astype("float32")
     float_block = _random_block(seed=5, width=32, mlp_dim=48)
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
         bf16_block = _random_block(seed=5, width=32, mlp_dim=48)
     finally:
         keras.config.set_dtype_policy("float32")
-    explicit_calls = []
-    if keras.backend.backend() == "torch":  # the branch this test is for runs
+    explicit_calls, bias_rows = [], []
+    if keras.backend.backend() == "torch":  # the branches this test is for run
         explicit = bf16_block._explicit_attention
         bf16_block._explicit_attention = lambda *args: explicit_calls.append(1) or explicit(*args)
+        projections = vit_layers._torch_projections
+        monkeypatch.setattr(vit_layers, "_torch_projections",
+                            lambda x, pairs, bias_row: bias_rows.append(bias_row) or projections(x, pairs, bias_row))
 
     def as_float(y):
         return keras.ops.convert_to_numpy(keras.ops.cast(y, "float32"))
@@ -205,9 +211,11 @@ def test_under_mixed_bfloat16_the_fast_path_is_as_accurate_as_multi_head_attenti
         return np.linalg.norm(got - want) / np.linalg.norm(want)
 
     want = as_float(float_block(x))
+    del bias_rows[:]
     out = bf16_block(x)
     if keras.backend.backend() == "torch":
         assert explicit_calls == ([1] if out.device.type == "cpu" else [])
+        assert bias_rows == [3 * tokens > 32] * 2  # the attention's projections, then the MLP's first
     fast = distance(as_float(out), want)
     through_keras_attention = distance(as_float(bf16_block(x, return_attention_scores=True)[0]), want)
     assert 0 < fast <= 2 * through_keras_attention + 1e-3, (fast, through_keras_attention)
