@@ -223,7 +223,10 @@ def test_under_mixed_bfloat16_the_fast_path_is_as_accurate_as_multi_head_attenti
     want = _weight_gradients(float_block, x)
     through_keras_attention = _weight_gradients(bf16_block, x, return_attention_scores=True)
     for training in (False, True):  # in training TensorFlow's GELU runs in float32
+        del bias_rows[:]
         fast = _weight_gradients(bf16_block, x, training=training)
+        if keras.backend.backend() == "torch":  # in training the row's gradient costs more: always the add
+            assert bias_rows == [not training and 3 * tokens > 32] * 2, training
         for variable, w, f, k in zip(bf16_block.trainable_variables, want, fast, through_keras_attention):
             assert distance(f, w) <= 2 * distance(k, w) + 1e-3, (training, variable.path, distance(f, w), distance(k, w))
 
