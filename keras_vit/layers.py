@@ -642,8 +642,9 @@ class TransformerBlock(layers.Layer):
         kernel (width + 1 rows), the add passes over the output (one row a
         token), so the row pays only when the output is the larger (bf16
         predict of ViT-B/16 on a Zen 4 CPU: at batch 8, 1576 tokens, the row
-        3% faster; at batch 1, 197 tokens, the add 3-5% faster). (Inside a layer call Keras reports a variable's
-        dtype as the compute dtype: the policy tells.)"""
+        3% faster; at batch 1, 197 tokens, the add 3-5% faster). (Inside a
+        layer call Keras reports a variable's dtype as the compute dtype: the
+        policy tells.)"""
         policy = self.dtype_policy
         return not training and policy.variable_dtype != policy.compute_dtype and x.shape[0] > x.shape[1]
 
