@@ -234,6 +234,8 @@ def _check_reachable(name, builder):
     import urllib.parse
     import urllib.request
 
+    from keras_vit.download import open_url
+
     try:
         urls = list(builder.url_infos or ())
     except Exception:  # noqa: BLE001 - no checksums file: let TFDS say what it needs
@@ -243,8 +245,7 @@ def _check_reachable(name, builder):
     reasons = []
     for host in hosts:
         try:
-            urllib.request.urlopen(urllib.request.Request(host, method="HEAD"),
-                                   timeout=REACHABLE_TIMEOUT_SECONDS).close()
+            open_url(urllib.request.Request(host, method="HEAD"), REACHABLE_TIMEOUT_SECONDS).close()
             return
         except urllib.error.HTTPError:
             return  # it answered

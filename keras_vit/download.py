@@ -73,6 +73,13 @@ class ReadOnlyCacheError(OSError):
 _READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+def open_url(url, timeout):
+    """`urllib.request.urlopen` through the proxies the environment names now:
+    urlopen's shared opener keeps the proxies of its first call in the process,
+    so a proxy set and unset before (a test, a notebook cell) would stay."""
+    return urllib.request.build_opener().open(url, timeout=timeout)
+
+
 def cache_dir():
     """The checkpoint cache folder (see the module docstring)."""
     if os.environ.get(CACHE_ENV):
@@ -267,7 +274,7 @@ def _stream(url, out, name, progress):
 
     digest = hashlib.sha256()
     try:
-        response = urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS)
+        response = open_url(url, TIMEOUT_SECONDS)
     except urllib.error.HTTPError as error:
         raise DownloadError(f"Cannot download {url}: HTTP {error.code} {error.reason}.") from None
     except (urllib.error.URLError, OSError) as error:

@@ -167,6 +167,21 @@ def test_404_names_the_url(server):
     assert cache_files() == []
 
 
+def test_each_download_uses_the_proxies_of_the_moment(server, monkeypatch):
+    """urllib.request.urlopen keeps the proxies of its first call in the process:
+    a proxy set once (here, one where nothing listens) must not outlive its setting."""
+    with monkeypatch.context() as env:
+        for name in ("http_proxy", "HTTP_PROXY"):
+            env.setenv(name, "http://127.0.0.1:9")  # the discard port: nothing listens
+        for name in ("no_proxy", "NO_PROXY"):
+            env.delenv(name, raising=False)
+        with pytest.raises(download.DownloadError, match="Connection refused"):
+            download.fetch(TINY_FILE, progress=False)
+    assert server.requests == [] and cache_files() == []
+    path = download.fetch(TINY_FILE, progress=False)  # the proxy is unset again
+    assert server.requests == [TINY_FILE] and open(path, "rb").read() == served_bytes(server)
+
+
 def test_cached_file_damaged_later_is_removed_and_fetched_again(server):
     path = download.fetch(TINY_FILE, progress=False)
     data = bytearray(open(path, "rb").read())
