@@ -251,6 +251,21 @@ CHECKS = {
 
 
 # ---------------------------------------------------------------------------
+# Network
+# ---------------------------------------------------------------------------
+
+
+def refuse_proxies(env):
+    """Sends every HTTP(S) request through a proxy at the discard port, where
+    nothing listens, so it fails at once even on a machine with network. `env`
+    is pytest's monkeypatch (or one of its contexts), which undoes this."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env.setenv(name, "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        env.delenv(name, raising=False)
+
+
+# ---------------------------------------------------------------------------
 # Image files
 # ---------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import pytest
 
+import harness
 import keras_vit
 from keras_vit import download, pretrained, registry
 from keras_vit.testing import official_arrays, write_checkpoint
@@ -171,10 +172,7 @@ def test_each_download_uses_the_proxies_of_the_moment(server, monkeypatch):
     """urllib.request.urlopen keeps the proxies of its first call in the process:
     a proxy set once (here, one where nothing listens) must not outlive its setting."""
     with monkeypatch.context() as env:
-        for name in ("http_proxy", "HTTP_PROXY"):
-            env.setenv(name, "http://127.0.0.1:9")  # the discard port: nothing listens
-        for name in ("no_proxy", "NO_PROXY"):
-            env.delenv(name, raising=False)
+        harness.refuse_proxies(env)
         with pytest.raises(download.DownloadError, match="Connection refused"):
             download.fetch(TINY_FILE, progress=False)
     assert server.requests == [] and cache_files() == []

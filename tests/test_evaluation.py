@@ -168,10 +168,7 @@ def test_a_tfds_dataset_that_is_not_local_fails_at_once_offline(tmp_path, monkey
     """Not prepared in data_dir and no download host answers (proxies that refuse,
     so even a machine with network is offline here): one line at once, not
     TFDS's minutes of retries."""
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        monkeypatch.setenv(name, "http://127.0.0.1:9")  # the discard port: nothing listens
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
+    harness.refuse_proxies(monkeypatch)
     with pytest.raises(ValueError) as excinfo:
         data.source("cifar100", "train", data_dir=str(tmp_path))
     message = str(excinfo.value)
