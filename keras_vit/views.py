@@ -3,7 +3,7 @@
 import keras
 from keras import layers, ops
 
-from keras_vit.layers import TransformerBlock
+from keras_vit.layers import TransformerBlock, serializable
 
 
 def transformer_blocks(model):
@@ -47,7 +47,8 @@ def attention_model(model):
     """A model with the same weights that returns every block's attention.
 
     Output: a list with one (batch, heads, tokens, tokens) tensor per
-    Transformer block, the softmax attention probabilities.
+    Transformer block, the softmax attention probabilities (for a model of
+    one block, Keras returns that one tensor, not in a list).
     """
     blocks = transformer_blocks(model)
     if not blocks:
@@ -56,28 +57,79 @@ def attention_model(model):
     return keras.Model(model.input, scores, name=f"{model.name}_attention")
 
 
-class _HeadLogits(layers.Layer):
+class _SharedLayerCall(layers.Layer):
+    """Computes with another layer of the model, on its weights: the view
+    shares them. In a `.keras` file it carries that layer's config and
+    weights, so a saved view loads on its own (with its own copy of them)."""
+
+    NAME_SUFFIX = None  # this layer's name: the shared layer's, with this suffix
+
+    def __init__(self, layer, **kwargs):
+        if isinstance(layer, dict):  # from a .keras file
+            layer = keras.saving.deserialize_keras_object(layer)
+        kwargs.setdefault("name", f"{layer.name}_{self.NAME_SUFFIX}")
+        kwargs.setdefault("dtype", layer.dtype_policy)
+        super().__init__(**kwargs)
+        # Held outside Keras's tracking (and no attribute returns it: saving
+        # walks them all): the model saves the layer's weights where the layer
+        # itself sits, and this layer saves its own copy below.
+        self._shared = _Untracked(layer)
+
+    def build(self, input_shape):
+        if not self._shared.layer.built:  # loaded from a file: the layer's own copy
+            self._shared.layer.build(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config["layer"] = keras.saving.serialize_keras_object(self._shared.layer)
+        return config
+
+    def save_own_variables(self, store):
+        for index, variable in enumerate(self._shared.layer.weights):  # its nested layers' too
+            store[str(index)] = variable
+
+    def load_own_variables(self, store):
+        weights = self._shared.layer.weights
+        if len(store.keys()) != len(weights):
+            raise ValueError(
+                f"{self.name}: the file holds {len(store.keys())} weights for {self._shared.layer.name!r}, "
+                f"which has {len(weights)}."
+            )
+        for index, variable in enumerate(weights):
+            variable.assign(store[str(index)])
+
+
+class _Untracked:
+    """A plain holder: Keras tracks layers set as attributes, not inside this."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+
+@serializable
+class _HeadLogits(_SharedLayerCall):
     """The head's pre-activation output, computed with the head's own weights."""
 
-    def __init__(self, head):
-        super().__init__(name=f"{head.name}_logits", dtype=head.dtype_policy)
-        self.head = head
+    NAME_SUFFIX = "logits"
 
     def call(self, features):
-        logits = ops.matmul(ops.cast(features, self.head.compute_dtype), self.head.kernel)
-        return logits + self.head.bias if self.head.use_bias else logits
+        head = self._shared.layer
+        logits = ops.matmul(ops.cast(features, head.compute_dtype), head.kernel)
+        return logits + head.bias if head.use_bias else logits
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self._shared.layer.units)
 
 
-class _AttentionScores(layers.Layer):
+@serializable
+class _AttentionScores(_SharedLayerCall):
     """Calls a block for its attention probabilities alone.
 
     Calling the block itself a second time with another output structure
     trips Keras' functional graph check, which reads a layer's first call.
     """
 
-    def __init__(self, block):
-        super().__init__(name=f"{block.name}_attention", dtype=block.dtype_policy)
-        self.block = block
+    NAME_SUFFIX = "attention"
 
     def call(self, tokens):
-        return self.block(tokens, return_attention_scores=True)[1]
+        return self._shared.layer(tokens, return_attention_scores=True)[1]

@@ -234,6 +234,25 @@ def check_attention_maps(build):
         assert np.all(probs >= 0)
 
 
+def check_views_round_trip(build, tmp_path):
+    """The views share the model's weights, and a saved view loads on its own
+    (safe mode) with the same outputs."""
+    model = build()
+    x = images()
+    views = {"features": keras_vit.feature_extractor(model), "attention": keras_vit.attention_model(model)}
+    zero_head = views["features"].predict(x, verbose=0)["logits"]
+    randomize_head(model)  # after the views were built: they follow the model's weights
+    assert not np.allclose(views["features"].predict(x, verbose=0)["logits"], zero_head)
+    for name, view in views.items():
+        expected = keras.tree.flatten(view.predict(x, verbose=0))
+        path = os.path.join(tmp_path, f"{name}.keras")
+        view.save(path)
+        restored = keras.tree.flatten(keras.saving.load_model(path, safe_mode=True).predict(x, verbose=0))
+        assert len(restored) == len(expected)
+        for got, want in zip(restored, expected):
+            np.testing.assert_array_equal(got, want)
+
+
 CHECKS = {
     "forward": check_forward,
     "fit_evaluate_predict": check_fit_evaluate_predict,
@@ -247,6 +266,7 @@ CHECKS = {
     "gradients_reach_every_weight": check_gradients_reach_every_weight,
     "intermediate_outputs": check_intermediate_outputs,
     "attention_maps": check_attention_maps,
+    "views_round_trip": check_views_round_trip,
 }
 
 
