@@ -54,12 +54,15 @@ def preprocess_input(images):
     """Scales pixels from [0, 255] to [-1, 1], the official ViT input range.
 
     Use it for models built with `include_preprocessing=False`; models built
-    with the default `include_preprocessing=True` do this themselves.
+    with the default `include_preprocessing=True` do this themselves. Numpy
+    in, numpy out (as `keras.applications`); a tensor in, a tensor out.
     """
+    numpy_in = isinstance(images, (np.ndarray, np.generic, list, tuple))
     images = ops.convert_to_tensor(images)
     if not keras.backend.is_float_dtype(images.dtype):
         images = ops.cast(images, "float32")
-    return scale_pixels(images)
+    scaled = scale_pixels(images)
+    return ops.convert_to_numpy(scaled) if numpy_in else scaled
 
 
 preprocess_inputs = preprocess_input  # the name keras_vit used before keras.applications
@@ -171,7 +174,8 @@ def _checked_in_graph(rows, cols, height, width, multiple):
     `image_size_error` line."""
     import tensorflow as tf
 
-    whole = tf.logical_and(tf.equal(height % multiple[0], 0), tf.equal(width % multiple[1], 0))
+    whole = tf.reduce_all([tf.equal(height % multiple[0], 0), tf.equal(width % multiple[1], 0),
+                           rows > 0, cols > 0])  # at least one token
     message = str(image_size_error("{height}", "{width}", multiple)).replace("{height}x{width}", "%s")
     check = tf.debugging.Assert(whole, [tf.strings.format(message.replace("%s", "{}x{}"), (height, width))])
     with tf.control_dependencies([check]):
@@ -349,9 +353,10 @@ class PositionEmbedding(layers.Layer):
             raise ValueError(f"{self.name}: built for one grid; it takes no images (patch_pixels=None).")
         height, width = images.shape[1], images.shape[2]
         if height is not None and width is not None:
-            if height % self.patch_pixels[0] or width % self.patch_pixels[1]:
+            rows, cols = height // self.patch_pixels[0], width // self.patch_pixels[1]
+            if height % self.patch_pixels[0] or width % self.patch_pixels[1] or not rows or not cols:
                 raise image_size_error(height, width, self.patch_pixels)
-            return height // self.patch_pixels[0], width // self.patch_pixels[1]
+            return rows, cols
         shape = ops.shape(images)
         height, width = shape[1], shape[2]
         rows, cols = height // self.patch_pixels[0], width // self.patch_pixels[1]

@@ -200,6 +200,9 @@ def test_unknown_size_in_a_graph_is_checked_at_run_time(dynamic_models):
     assert tuple(run(images(1, (32, 48, 3))).shape) == (1, 5)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"Input size 40x48 does not cut into whole patches"):
         run(images(1, (40, 48, 3)))
+    for empty in ((0, 0, 3), (0, 48, 3), (4, 48, 3)):  # no whole token: no answer either
+        with pytest.raises(tf.errors.InvalidArgumentError, match=rf"Input size {empty[0]}x{empty[1]} does not cut"):
+            run(images(1, empty))
 
 
 # --- native-resolution serving ----------------------------------------------
@@ -328,8 +331,12 @@ def test_preprocess_input_is_the_models_own_scaling():
     x = images(2)
     np.testing.assert_allclose(logits(without, keras_vit.preprocess_input(x)), logits(with_scaling, x), atol=1e-6)
     rescaling = with_scaling.get_layer("rescaling")
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(keras_vit.preprocess_input(x)),
-                               keras.ops.convert_to_numpy(rescaling(x)), atol=1e-6)
+    np.testing.assert_allclose(keras_vit.preprocess_input(x), keras.ops.convert_to_numpy(rescaling(x)), atol=1e-6)
+    # keras.applications' convention: numpy in, numpy out; a tensor in, a tensor out.
+    pixels = np.full((1, 2, 2, 3), 255, "uint8")
+    assert isinstance(keras_vit.preprocess_input(pixels), np.ndarray)
+    np.testing.assert_array_equal(keras_vit.preprocess_input(pixels), np.ones((1, 2, 2, 3), "float32"))
+    assert keras.ops.is_tensor(keras_vit.preprocess_input(keras.ops.convert_to_tensor(x)))
 
 
 @multibackend
