@@ -18,6 +18,7 @@ contract that `keras_vit.npz` and `keras_vit.views` rely on):
     predictions          Dense head, zero-initialised, float32        "predictions"
 """
 
+import numbers
 import textwrap
 
 import keras
@@ -111,8 +112,18 @@ def ViT(
         pooling = "token"
     if pooling not in (None, "token", "gap"):
         raise ValueError(f'Unknown pooling {pooling!r}; use "token", "gap" (or "avg") or None.')
-    if include_top and classes is not None and classes < 1:
-        raise ValueError(f"classes must be a positive number, got {classes}.")
+    sizes = dict(patch_size=patch_size, hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim)
+    if include_top and classes is not None:
+        sizes["classes"] = classes
+    for argument, value in sizes.items():
+        for number in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < 1:
+                raise ValueError(f"{argument} must be a positive whole number, got {value!r}.")
+    rates = dict(dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
+                 drop_path_rate=drop_path_rate)
+    for argument, value in rates.items():
+        if not isinstance(value, numbers.Real) or not 0 <= value < 1:
+            raise ValueError(f"{argument} must be a fraction in [0, 1), got {value!r}.")
 
     # Weights may fix the class count, head and resolution: resolve them first.
     plan = pretrained.plan(

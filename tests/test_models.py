@@ -4,6 +4,7 @@ and the multiply-accumulates formula against a count of the traced forward pass.
 
 import inspect
 import math
+import re
 
 import keras
 import numpy as np
@@ -92,13 +93,20 @@ def test_input_tensor():
         (dict(input_shape=(32, 32)), "(height, width, 3)"),
         (dict(pooling="max"), "Unknown pooling"),
         (dict(classes=0), "positive"),
+        (dict(classes="10"), "classes must be a positive whole number, got '10'"),
+        (dict(classes=10.0), "classes must be a positive whole number, got 10.0"),
+        (dict(patch_size=0), "patch_size must be a positive whole number, got 0"),
+        (dict(patch_size=(8, 0)), "patch_size must be a positive whole number, got (8, 0)"),
+        (dict(depth=-1), "depth must be a positive whole number"),
+        (dict(drop_path_rate=-1), "drop_path_rate must be a fraction in [0, 1), got -1"),
+        (dict(dropout_rate=1.0), "dropout_rate must be a fraction in [0, 1)"),
         (dict(weights="nowhere.weights.h5"), "not found"),
         (dict(weights="bogus-tag"), "Unknown weights"),
         (dict(num_heads=5), "divisible"),
     ],
 )
 def test_bad_arguments_get_clear_errors(kwargs, message):
-    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         harness.tiny_vit(**kwargs)
 
 
