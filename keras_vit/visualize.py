@@ -56,7 +56,14 @@ def attention_weights(model, images, batch_size=8):
     """
     from keras_vit.views import attention_model
 
+    if np.ndim(images) != 4:
+        raise ValueError(
+            f"Expected a batch of images (batch, height, width, 3), got shape {np.shape(images)}: one image "
+            "needs a batch axis (images[None])."
+        )
     outputs = attention_model(model).predict(images, batch_size=batch_size, verbose=0)
+    if not isinstance(outputs, (list, tuple)):  # Keras returns a one-output model's array as it is
+        outputs = [outputs]
     return [np.asarray(output, dtype=np.float32) for output in outputs]
 
 
@@ -174,6 +181,8 @@ def save_attention_overlay(images, heatmaps, path, captions=None):
             f"Expected (batch, height, width, 3) images and one heat map each; got images "
             f"{images.shape} and {len(heatmaps)} heat maps."
         )
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"Expected one caption per image; got {len(captions)} for {len(images)} images.")
     height, width = images.shape[1:3]
     scale = max(1, math.ceil(MIN_PANEL_SIDE / max(height, width)))
     caption_height = 14 if captions else 0

@@ -103,19 +103,20 @@ def _numpy_rollout_maps(attentions, grid_size):
 
 
 @pytest.mark.parametrize(
-    "architecture, shape",
-    [("vit", (32, 32, 3)), ("vit", (32, 48, 3)), ("hybrid", (32, 48, 3))],
-    ids=["vit-square", "vit-non_square", "hybrid-non_square"],
+    "architecture, shape, depth",
+    [("vit", (32, 32, 3), 3), ("vit", (32, 48, 3), 3), ("hybrid", (32, 48, 3), 3), ("vit", (32, 32, 3), 1)],
+    ids=["vit-square", "vit-non_square", "hybrid-non_square", "vit-one_block"],  # one block: one output, no list
 )
-def test_attention_and_rollout_maps_equal_a_numpy_recomputation(architecture, shape):
-    model = harness.ARCHITECTURES[architecture](input_shape=shape, depth=3)
+def test_attention_and_rollout_maps_equal_a_numpy_recomputation(architecture, shape, depth):
+    model = harness.ARCHITECTURES[architecture](input_shape=shape, depth=depth)
     _randomize(model)
     images = harness.images(3, shape=shape)
     expected = _numpy_attention(model, images)
 
     # attention_model: the model's own attention probabilities
-    attentions = [keras.ops.convert_to_numpy(a) for a in keras_vit.attention_model(model)(images)]
-    assert len(attentions) == len(expected) == 3
+    # One block: Keras returns the one output as it is, not in a list.
+    attentions = [keras.ops.convert_to_numpy(a) for a in keras.tree.flatten(keras_vit.attention_model(model)(images))]
+    assert len(attentions) == len(expected) == depth
     for got, want in zip(attentions, expected):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert max(a.max() for a in expected) > 0.5, "attention is near uniform: the comparison would see little"
@@ -165,6 +166,14 @@ def test_overlay_png_is_written_with_the_right_size(tmp_path):
     np.testing.assert_array_equal(first_panel, images[0].astype(np.uint8))
     with pytest.raises(ValueError, match="one heat map each"):
         visualize.save_attention_overlay(images, heatmaps[:1], str(path))
+    with pytest.raises(ValueError, match="one caption per image; got 1 for 2 images"):
+        visualize.save_attention_overlay(images, heatmaps, str(path), captions=["first"])
+
+
+def test_one_image_without_a_batch_axis_is_one_line():
+    model = harness.tiny_vit()
+    with pytest.raises(ValueError, match=r"got shape \(32, 32, 3\): one image needs a batch axis"):
+        visualize.attention_rollout_maps(model, harness.images(1)[0])
 
 
 # --- Figure 7, right: mean attention distance ----------------------------------------------
