@@ -90,6 +90,12 @@ def cache_dir():
 
 def base_url():
     url = os.environ.get(BASE_URL_ENV) or OFFICIAL_BASE_URL
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.netloc):
+        raise DownloadError(
+            f"{BASE_URL_ENV}={url!r} is not a URL: set it to a mirror such as https://host/vit_models/ "
+            "(or file:///path/to/mirror/), or unset it for the official storage."
+        )
     return url if url.endswith("/") else url + "/"
 
 
@@ -187,9 +193,10 @@ def _judge(path, actual, sha256, expected_sha256):
             # Accepted: later loads without expected_sha256 must check this hash, not the registry's.
             return _Verdict("use", record=actual + (f" {ACCEPTED}" if sha256 not in (None, actual) else ""))
         if reference is None or actual == reference:
+            why = "nothing records another hash for it" if reference is None else "it matches the hash recorded for it"
             return _Verdict("refuse", (
-                f"Cached checkpoint {path} has SHA-256 {actual}, not the expected_sha256 {expected} (it matches "
-                "the hash recorded at download, so it was kept): check the expected hash."
+                f"Cached checkpoint {path} has SHA-256 {actual}, not the expected_sha256 {expected} ({why}, so it "
+                "was kept): check the expected hash."
             ))
     elif reference is None or actual == reference:
         return _Verdict("use", record=None if recorded == actual else actual)  # placed by hand: remember it

@@ -121,6 +121,13 @@ def test_cache_location_follows_keras_home(monkeypatch, tmp_path):
     monkeypatch.delenv(download.BASE_URL_ENV, raising=False)
     assert download.url_for("imagenet21k+imagenet2012/ViT-B_16.npz") == (
         "https://storage.googleapis.com/vit_models/imagenet21k%2Bimagenet2012/ViT-B_16.npz")
+    monkeypatch.setenv(download.BASE_URL_ENV, "file:///srv/vit_models")
+    assert download.url_for("a.npz") == "file:///srv/vit_models/a.npz"
+    for not_a_url in ("not-a-url", "/srv/vit_models", "http:///vit_models", "ftp://host/"):
+        monkeypatch.setenv(download.BASE_URL_ENV, not_a_url)
+        with pytest.raises(download.DownloadError) as excinfo:
+            download.url_for("a.npz")
+        assert f"{download.BASE_URL_ENV}={not_a_url!r} is not a URL" in one_line(excinfo)
 
 
 def test_second_fetch_uses_the_cache(server):
