@@ -416,7 +416,7 @@ def _match(model, shapes, layout, path, new_head, drop_pre_logits):
         theirs = model_architecture(model, layout.blocks)
         if ours is not None and theirs is not None and ours != theirs:
             raise ValueError(architecture_mismatch(f"Checkpoint {path}", model, ours, theirs))
-        raise ValueError(_mismatch_message(model, path, missing, mismatched, unused, unmapped))
+        raise ValueError(_mismatch_message(model, path, missing, mismatched, unused, unmapped, drop_pre_logits))
     return assignments
 
 
@@ -446,7 +446,7 @@ def _listed(items):
     return shown + (f"; and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
 
 
-def _mismatch_message(model, path, missing, mismatched, unused, unmapped):
+def _mismatch_message(model, path, missing, mismatched, unused, unmapped, drop_pre_logits=False):
     parts = []
     if mismatched:
         parts.append(f"shape mismatches: {_listed(mismatched)}")
@@ -458,7 +458,11 @@ def _mismatch_message(model, path, missing, mismatched, unused, unmapped):
         parts.append(f"model weights with no checkpoint key: {_listed(unmapped)}")
     hints = []
     text = " ".join(mismatched + unused)
-    if "head/" in text:
+    if "head/" in text and drop_pre_logits:
+        hints.append("the checkpoint's head takes the features of its pre_logits layer, which is dropped here "
+                     "(keep_pre_logits=False, drop_pre_logits=True) and is not as wide as the encoder: give the "
+                     "model a new head (classes=N; load_npz(..., new_head=True)) or keep pre_logits")
+    elif "head/" in text:
         hints.append("for another class count build the model with classes=N (keras-vit convert: --classes N); "
                      "load_npz(..., new_head=True) replaces a built model's head")
     if "pre_logits/" in text:

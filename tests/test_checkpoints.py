@@ -338,7 +338,7 @@ def test_pre_logits_dropped_with_a_new_head_unless_asked(pre_logits_ckpt):
     np.testing.assert_array_equal(value(dropped.get_layer("predictions").kernel), arrays["head/kernel"])
 
 
-def test_pre_logits_misuse_is_an_error(pre_logits_ckpt, tiny_ckpt):
+def test_pre_logits_misuse_is_an_error(pre_logits_ckpt, tiny_ckpt, tmp_path):
     with pytest.raises(ValueError, match="no pre_logits layer") as excinfo:
         tiny_model(tiny_ckpt[0], keep_pre_logits=True)
     one_line_error(excinfo)
@@ -353,6 +353,12 @@ def test_pre_logits_misuse_is_an_error(pre_logits_ckpt, tiny_ckpt):
         keras_vit.load_npz(model, pre_logits_ckpt[0])
     assert "pre_logits/kernel (32, 32)" in one_line_error(excinfo) and "drop_pre_logits" in str(excinfo.value)
     keras_vit.load_npz(model, pre_logits_ckpt[0], drop_pre_logits=True)
+    # The checkpoint's own head on the encoder's tokens needs pre_logits as wide as the encoder.
+    narrow = write_checkpoint(tmp_path / "narrow.npz", tiny_arrays(classes=7, representation_size=16))
+    with pytest.raises(ValueError) as excinfo:
+        tiny_model(narrow, keep_pre_logits=False)
+    assert "head takes the features of its pre_logits layer, which is dropped here" in one_line_error(excinfo)
+    assert "for another class count" not in str(excinfo.value)
 
 
 def test_without_top_the_body_alone_is_loaded(pre_logits_ckpt):
@@ -491,3 +497,31 @@ def test_cli_convert_does_not_replace_an_output_unless_told(ti16_ckpt, tmp_path,
     assert cli.main(["convert", ti16_ckpt, str(tmp_path / "model.keras"), "--model", "ViT_Ti16", "--overwrite"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["model.keras", "model.weights.h5"]
     keras.saving.load_model(str(tmp_path / "model.keras"), safe_mode=True)
+
+
+def test_every_augreg_model_name_maps_to_the_constructor_of_its_size_and_patch():
+    """An unregistered AugReg file's architecture comes from its model name
+    ("S_32", "R26_S_32"): the constructor whose variant (variants.py) has that
+    model size, patch size and, for a hybrid, ResNet stem."""
+    from keras_vit import variants
+
+    def expected_constructor(model):
+        *stem, size, patch = model.split("_")
+        matches = []
+        for constructor, variant in variants.CONSTRUCTOR_VARIANTS.items():
+            variant_stem = variant.rpartition("+")[0]
+            row = variants.HYBRID_VARIANTS[variant]["transformer"] if variant_stem else variant
+            if (variant_stem == "_".join(stem) and row.split("/")[0] == size
+                    and variants.VARIANTS[row]["patch_size"] == int(patch)):
+                matches.append(constructor)
+        assert len(matches) == 1, (model, matches)
+        return matches[0]
+
+    for model in registry.AUGREG_ARCHITECTURES:
+        for run in ("", "--cifar100-steps_2k-lr_0.003-res_224"):
+            name = f"{model}-i21k-300ep-lr_0.001-aug_strong2-wd_0.03-do_0.1-sd_0.1{run}"  # no registered file's run
+            assert all(name not in entry.long_names() for entry in registry.registry())
+            entry = registry.augreg_checkpoint(name)
+            assert entry is not None, name
+            assert entry.architecture == expected_constructor(model), name
+            assert registry.find_checkpoint(name, entry.architecture) == entry
