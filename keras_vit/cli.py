@@ -212,6 +212,10 @@ def _load_model(name, weights, input_shape=None, sha256=None):
                 raise UsageError(f"{flag} does not apply to {name}: a .keras model carries its own weights.")
         labels = vit_labels.labels_file_for(name)
         return _load_keras_file(name), labels if os.path.isfile(labels) else None, "its saved weights"
+    if os.sep in name or "/" in name:  # a path, not a constructor name
+        problem = "not a .keras model file" if os.path.exists(name) else "no such file or folder"
+        raise UsageError(f"{name}: {problem} (a model is a constructor name, a .keras file or, for predict, "
+                         "an export folder).")
     constructor = models.get_constructor(name)
     label_set = None
     if weights is not None and not os.path.exists(weights):
@@ -265,11 +269,21 @@ def _input_size(model):
     return size
 
 
+def _require_classifier(model, command):
+    from keras_vit import serving
+
+    problem = serving.not_a_classifier(model)
+    if problem:
+        raise UsageError(f"{command} needs a classifier: {problem}.")
+
+
 def _run_predict(args):
     from keras_vit import images as vit_images
 
     if args.explain is not None and not args.explain.lower().endswith(".png"):
         raise UsageError(f"--explain writes a PNG picture: give a name ending in .png, got {args.explain!r}.")
+    if args.explain is not None and not os.path.isdir(os.path.dirname(args.explain) or "."):
+        raise UsageError(f"--explain {args.explain}: the folder {os.path.dirname(args.explain)} does not exist.")
     # Every file checked before the model loads, decoded as the export's serving_default decodes it.
     images = [vit_images.read_image(path) for path in args.images]
 
@@ -281,7 +295,11 @@ def _run_predict(args):
 
     if os.path.isdir(args.model):
         return _predict_with_export(args, images)
+    if args.precision != "float32":
+        raise UsageError(f"--precision {args.precision} applies to an OpenVINO export folder; {args.model} is not "
+                         "one (a Keras model computes in its dtype policy's precision).")
     model, label_set, source = _load_model(args.model, args.weights, sha256=args.sha256)
+    _require_classifier(model, "predict")
     classes = model.output_shape[-1]
     names = vit_labels.class_names(classes, args.labels or label_set)
     batch = _resize_images(images, _input_size(model))
@@ -309,6 +327,8 @@ def _predict_with_export(args, images):
     """`predict --model EXPORT_DIR`: the export's own runtime classifies the images."""
     import numpy as np
 
+    from keras_vit import labels as vit_labels
+
     from keras_vit import runtimes
 
     for flag, value in (("--weights", args.weights), ("--sha256", args.sha256), ("--explain", args.explain)):
@@ -317,7 +337,10 @@ def _predict_with_export(args, images):
     export = runtimes.load_export(args.model, precision=args.precision)
     scores = export.classify(images)
     classes = scores.shape[-1]
-    names = export.class_names or [f"class_{i}" for i in range(classes)]
+    if args.labels:  # the user's labels over the export's own labels.txt
+        names = vit_labels.class_names(classes, args.labels)
+    else:
+        names = export.class_names or [f"class_{i}" for i in range(classes)]
     if len(names) != classes:
         raise UsageError(f"{export.folder}: labels.txt has {len(names)} names for a model with {classes} classes.")
     top = min(args.top, classes)
@@ -370,17 +393,22 @@ def _add_export(subparsers):
                         "path (openvino needs --calibration-images); outputs close to float's")
     parser.add_argument("--calibration-images", default=None, metavar="DIR",
                         help="with --format openvino --quantize int8: a folder of images like those served "
-                        "(a few hundred) to calibrate the int8 activations")
+                        "(a few hundred; its .jpg, .jpeg, .png, .gif and .bmp files) to calibrate the int8 "
+                        "activations")
 
 
 def _run_export(args):
     from keras_vit import labels as vit_labels
-    from keras_vit import serving
+    from keras_vit import runtimes, serving
 
     input_shape = (None, None, 3) if args.any_size else None
     model, label_set, source = _load_model(args.model, args.weights, input_shape, sha256=args.sha256)
+    _require_classifier(model, "export")
     names = vit_labels.class_names(model.output_shape[-1], args.labels or label_set)
-    calibration = _calibration_images(args.calibration_images, model) if args.calibration_images else None
+    calibration = None
+    if args.calibration_images:  # the flags checked before the folder's images are read
+        runtimes.check_export(args.format, args.any_size, args.quantize, args.calibration_images)
+        calibration = _calibration_images(args.calibration_images, model)
     version_dir = serving.export_for_serving(
         model, args.export_dir, class_names=names, version=args.version, top_k=args.top, overwrite=args.overwrite,
         any_size=args.any_size, quantize=args.quantize, format=args.format, calibration_images=calibration,
@@ -406,15 +434,18 @@ def _run_export(args):
 
 
 def _calibration_images(folder, model):
-    """The image files in `folder`, resized to the model's input size, as float32 pixels."""
+    """The image files in `folder` (by their suffix; other files are left
+    out), resized to the model's input size, as float32 pixels."""
     from keras_vit import images as vit_images
 
     if not os.path.isdir(folder):
         raise UsageError(f"--calibration-images {folder}: not a folder of images.")
     paths = sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                   if os.path.isfile(os.path.join(folder, name)) and not name.startswith("."))
+                   if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".")
+                   and name.lower().endswith(vit_images.FILE_SUFFIXES))
     if not paths:
-        raise UsageError(f"--calibration-images {folder}: the folder has no files.")
+        raise UsageError(f"--calibration-images {folder}: the folder has no image files "
+                         f"({', '.join(vit_images.FILE_SUFFIXES)}).")
     size = _input_size(model)
     return _resize_images([vit_images.read_image(path) for path in paths], size)
 

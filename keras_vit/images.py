@@ -28,6 +28,7 @@ FORMATS = (
     ("BMP", (b"BM",)),
 )
 FORMAT_NAMES = ", ".join(name for name, _ in FORMATS[:-1]) + f" or {FORMATS[-1][0]}"
+FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")  # how a folder's image files are told from the rest
 # More than an 8K frame (33 MP) and most camera sensors, and a bound on memory:
 # decoding and resizing such an image takes about 0.6 GB; a 69-byte PNG whose
 # header claims 1 x 60,000,000 pixels must not be decoded at all.

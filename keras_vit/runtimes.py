@@ -206,14 +206,41 @@ def _finish_openvino(keras_path, path, quantize, calibration_images, pixels_per_
         os.remove(keras_path[:-len(".xml")] + suffix)
 
 
-def _openvino_int8(model, calibration_images):
-    import nncf
-
-    images = np.asarray(calibration_images, dtype="float32")
+def checked_calibration_images(images, size, pixels_per_token=None):
+    """`images` as float32 (count, H, W, 3) [0, 255] pixels at the served
+    `size` (height, width), or, for a model of any size (size None), at
+    multiples of `pixels_per_token`; else a one-line ValueError."""
+    images = np.asarray(images, dtype="float32")
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
         raise ValueError(
             f"calibration_images must be float32 pixels (count, height, width, 3), got shape {images.shape}."
         )
+    height, width = images.shape[1:3]
+    if None in size:
+        if height % pixels_per_token[0] or width % pixels_per_token[1]:
+            raise ValueError(
+                f"calibration_images are {height}x{width}, not a multiple of the model's "
+                f"{pixels_per_token[0]}x{pixels_per_token[1]} pixels per token: resize them."
+            )
+    elif (height, width) != tuple(size):
+        raise ValueError(
+            f"calibration_images are {height}x{width} and the model takes {size[0]}x{size[1]}: resize them "
+            "(`keras-vit export --calibration-images DIR` resizes a folder's images)."
+        )
+    if not np.isfinite(images).all() or images.min() < 0 or images.max() > 255:
+        raise ValueError("calibration_images must be pixels in [0, 255], as served; some are outside.")
+    if images.max() <= 1:
+        raise ValueError(
+            f"calibration_images look like [0, 1] values (the largest is {images.max():g}); give [0, 255] "
+            "pixels, as served (multiply by 255)."
+        )
+    return images
+
+
+def _openvino_int8(model, calibration_images):
+    import nncf
+
+    images = np.asarray(calibration_images, dtype="float32")
     dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
     return nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images))
 
@@ -273,6 +300,8 @@ class LoadedExport:
     per token)."""
 
     def __init__(self, path, precision="float32"):
+        if precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}.")
         folder = version_folder(path)
         if folder is None:
             raise UsageError(
@@ -288,8 +317,13 @@ class LoadedExport:
                 f"{self.file} is a {runtime.title} model and {runtime.run_needs} is not installed: "
                 f"pip install 'keras-vit[{runtime.extra}]'."
             )
-        self._run, self.input_size, self.pixels_per_token = _LOADERS[self.format](self.file, precision)
         self.title = runtime.title if runtime else "TensorFlow SavedModel"
+        if precision != "float32" and self.format != "openvino":
+            raise UsageError(
+                f"precision={precision!r} applies to OpenVINO exports only; {self.file} is a {self.title} "
+                "model, which computes in the precision it was exported in."
+            )
+        self._run, self.input_size, self.pixels_per_token = _LOADERS[self.format](self.file, precision)
 
     def classify(self, images):
         if self.format == "tf_saved_model":  # its serve_pixels resizes in the graph
@@ -305,6 +339,9 @@ class LoadedExport:
         else:
             pixels = tf.image.resize(pixels, self.input_size, method="bilinear")
         return pixels.numpy()
+
+
+PRECISIONS = ("float32", "bfloat16")  # what OpenVINO can be asked to compute in
 
 
 def load_export(path, precision="float32"):

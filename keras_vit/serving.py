@@ -61,6 +61,7 @@ keras_vit` works without it.
 """
 
 import functools
+import numbers
 import os
 import shutil
 import warnings
@@ -72,7 +73,7 @@ from keras import ops
 from keras_vit import labels as vit_labels
 from keras_vit import runtimes
 from keras_vit.errors import first_line
-from keras_vit.layers import scale_pixels
+from keras_vit.layers import TokenPooling, scale_pixels
 
 SIGNATURES = ("serving_default", "serve_pixels", "serve_float")
 DEFAULT_TOP_K = 5
@@ -97,7 +98,10 @@ def export_for_serving(
     SavedModel, or an OpenVINO, ONNX or LiteRT model (`format`).
 
     Args:
-        model: a Keras image classifier, (batch, H, W, 3) -> (batch, classes).
+        model: a Keras image classifier, (batch, H, W, 3) -> (batch, classes)
+            (not a keras_vit model built with include_top=False). For the
+            OpenVINO, ONNX and LiteRT formats a float model: they quantize
+            it themselves (`quantize`).
         export_dir: the model's folder in a TF Serving model base path.
         class_names: the label of each class (a fine-tuned model's own), a
             shipped label set name ("imagenet1k", "imagenet21k") or a text
@@ -129,17 +133,27 @@ def export_for_serving(
             policy: the runtime picks the precision (OpenVINO: bfloat16 on
             CPUs with bf16 units).
         calibration_images: with format="openvino" and quantize="int8",
-            float32 pixels (count, H, W, 3) in [0, 255], a few hundred
-            images like those served, to calibrate the int8 activations.
+            float32 pixels (count, H, W, 3) in [0, 255] at the model's input
+            size, a few hundred images like those served, to calibrate the
+            int8 activations.
 
     Returns:
         The path of the written version folder.
     """
+    if not isinstance(model, keras.Model):
+        load = (": load it with keras.saving.load_model first, or run `keras-vit export MODEL.keras EXPORT_DIR`"
+                if isinstance(model, (str, os.PathLike)) else "")
+        raise ValueError(f"export_for_serving takes a Keras model, got {type(model).__name__} {model!r}{load}.")
     format = _check_format(format)
     _require_tensorflow_backend()
     _check_quantize(quantize)
     runtimes.check_export(format, any_size, quantize, calibration_images)
     plan = _plan(model, class_names, top_k, model_takes_pixels, any_size)  # checks everything, writes nothing
+    if format != "tf_saved_model":
+        _require_float_model(model, format)
+    if calibration_images is not None:
+        calibration_images = runtimes.checked_calibration_images(
+            calibration_images, (plan.height, plan.width), plan.multiple)
     version_dir, _ = _version_dir(export_dir, version, overwrite)
     if format == "tf_saved_model":
         served = quantized_copy(model, quantize) if quantize else model
@@ -152,6 +166,18 @@ def export_for_serving(
                                   calibration_images=calibration_images, pixels_per_token=plan.multiple)
     _write_atomically(write, export_dir, version_dir, plan.class_names)
     return version_dir
+
+
+def _require_float_model(model, format):
+    """The runtimes' files are written from a float32 copy of the model, so a
+    model Keras already quantized (`model.quantize`) cannot go there."""
+    quantized = _quantized_layer(model)
+    if quantized is not None:
+        raise ValueError(
+            f"format={format!r} exports float weights, and {model.name!r} is already quantized by Keras (its layer "
+            f"{quantized.name!r} is {_quantization_mode(quantized)}): export the float model with "
+            "quantize='int8', the runtime's own int8 path."
+        )
 
 
 def _check_format(format):
@@ -187,11 +213,11 @@ def quantized_copy(model, mode="int8"):
     that Keras quantizes (so a copy that is silently still float never ships).
     """
     _check_quantize(mode, allow_none=False)
-    already = [layer for layer in model._flatten_layers() if _quantization_mode(layer)]
-    if already:
+    already = _quantized_layer(model)
+    if already is not None:
         raise ValueError(
-            f"quantize={mode!r}: {model.name!r} is already quantized (its layer {already[0].name!r} is "
-            f"{_quantization_mode(already[0])}); export it with quantize=None."
+            f"quantize={mode!r}: {model.name!r} is already quantized (its layer {already.name!r} is "
+            f"{_quantization_mode(already)}); export it with quantize=None."
         )
     try:
         copy = keras.models.clone_model(model)
@@ -221,6 +247,11 @@ def _check_quantize(quantize, allow_none=True):
     if not isinstance(quantize, str) or quantize not in QUANTIZE_MODES:
         choices = " or ".join(map(repr, QUANTIZE_MODES))
         raise ValueError(f"quantize must be {'None (float) or ' if allow_none else ''}{choices}, got {quantize!r}.")
+
+
+def _quantized_layer(model):
+    """The first layer of `model` that Keras quantized, or None."""
+    return next((layer for layer in model._flatten_layers() if _quantization_mode(layer)), None)
 
 
 def _quantization_mode(layer):
@@ -292,11 +323,9 @@ def _classifier_shape(model, any_size=False):
             f"export_for_serving needs a model taking (batch, height, width, 3) images; "
             f"{model.name!r} takes {input_shape}."
         )
-    if isinstance(output_shape, list) or len(output_shape) != 2 or not output_shape[-1]:
-        raise ValueError(
-            f"export_for_serving needs a classifier returning (batch, classes); {model.name!r} "
-            f"returns {output_shape} (build it with include_top=True)."
-        )
+    problem = not_a_classifier(model)
+    if problem:
+        raise ValueError(f"export_for_serving needs a classifier returning (batch, classes); {problem}.")
     height, width = input_shape[1:3]
     if any_size:
         if height is not None or width is not None:
@@ -313,6 +342,20 @@ def _classifier_shape(model, any_size=False):
     return int(height), int(width), int(output_shape[-1])
 
 
+def not_a_classifier(model):
+    """Why `model` is not an image classifier returning (batch, classes), or
+    None: the check of the export and of `keras-vit predict`. A keras_vit
+    model built with include_top=False returns tokens, or pooled features
+    whose shape alone would pass for class scores."""
+    output_shape = model.output_shape
+    if isinstance(output_shape, (list, dict)) or len(output_shape) != 2 or not output_shape[-1]:
+        return f"{model.name!r} returns {output_shape} (build it with include_top=True)"
+    if isinstance(model.layers[-1], TokenPooling):
+        return (f"{model.name!r} returns {output_shape[-1]} pooled features, not class scores (built with "
+                "include_top=False): build it with include_top=True, or fine-tune a head on it")
+    return None
+
+
 def _class_names(class_names, classes):
     if class_names is None or isinstance(class_names, str):
         return vit_labels.class_names(classes, class_names)
@@ -322,14 +365,22 @@ def _class_names(class_names, classes):
     return names
 
 
+MAX_VERSION = 2**63 - 1  # TF Serving reads version folders as int64
+
+
 def _version_dir(export_dir, version, overwrite):
-    os.makedirs(export_dir, exist_ok=True)
+    """(the version folder's path, its number), checked; creates nothing."""
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ValueError(f"{export_dir} is a file; the export needs a folder (its versions go inside it).")
     if version is None:
-        existing = [int(name) for name in os.listdir(export_dir) if name.isdigit()]
+        existing = [int(name) for name in os.listdir(export_dir) if name.isdigit()] if os.path.isdir(export_dir) else []
         version = max(existing, default=0) + 1
+    if isinstance(version, str) and version.isdigit():
+        version = int(version)
+    if isinstance(version, bool) or not isinstance(version, numbers.Integral) or not 0 <= version <= MAX_VERSION:
+        raise ValueError(f"version must be a whole number from 0 to 2**63-1 (the version folder's name), "
+                         f"got {version!r}.")
     version = int(version)
-    if version < 0:
-        raise ValueError(f"version must be a non-negative integer, got {version}.")
     version_dir = os.path.join(export_dir, str(version))
     if os.path.exists(version_dir) and not overwrite:
         raise ValueError(
@@ -535,6 +586,7 @@ def _write_atomically(write, export_dir, version_dir, class_names):
     then renamed into place: TF Serving polls the folder and must never see
     a half-written version, and a failed export leaves nothing."""
     partial_dir = os.path.join(export_dir, f".partial-{os.path.basename(version_dir)}-{os.getpid()}")
+    new_export_dir = not os.path.exists(export_dir)
     shutil.rmtree(partial_dir, ignore_errors=True)
     try:
         os.makedirs(partial_dir)
@@ -545,3 +597,5 @@ def _write_atomically(write, export_dir, version_dir, class_names):
         os.replace(partial_dir, version_dir)
     finally:
         shutil.rmtree(partial_dir, ignore_errors=True)
+        if new_export_dir and os.path.isdir(export_dir) and not os.listdir(export_dir):
+            os.rmdir(export_dir)  # a failed first export leaves no empty folder behind

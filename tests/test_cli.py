@@ -105,6 +105,8 @@ def files(tmp_path_factory):
     logits_model = harness.tiny_vit(classifier_activation=None)  # the same weights, a head without softmax
     logits_model.set_weights(model.get_weights())
     logits_model.save(folder / "tiny_logits.keras")
+    harness.tiny_vit(include_top=False).save(folder / "tokens.keras")  # (batch, tokens, width)
+    harness.tiny_vit(include_top=False, pooling="token").save(folder / "features.keras")  # (batch, width)
     (folder / "names.txt").write_text("\n".join(TINY_NAMES) + "\n")
     (folder / "grey16.png").write_bytes(png16(GREY16))
     (folder / "colour16.png").write_bytes(png16(COLOUR16))
@@ -118,7 +120,8 @@ def files(tmp_path_factory):
             "model": model, "tiny": str(folder / "tiny.keras"), "names": str(folder / "names.txt"),
             "grey16": str(folder / "grey16.png"), "colour16": str(folder / "colour16.png"),
             "huge": str(folder / "huge.png"), "long": str(folder / "long.png"), "webp": str(folder / "image.webp"),
-            "npz": str(folder / "tiny.npz"), **_broken_keras_files(str(folder), str(folder / "tiny.keras"))}
+            "npz": str(folder / "tiny.npz"), "tokens_keras": str(folder / "tokens.keras"),
+            "features_keras": str(folder / "features.keras"), **_broken_keras_files(str(folder), str(folder / "tiny.keras"))}
 
 
 TINY_NAMES = ["apple", "bear", "cloud", "dune", "eel"]
@@ -174,6 +177,15 @@ MISUSES = [
      f"expected {NO_HASH}: the file is not the expected checkpoint"),
     (["export", "ViT_Ti16", "{folder}/export_npz", "--weights", "{npz}", "--sha256", NO_HASH],
      f"expected {NO_HASH}: the file is not the expected checkpoint"),
+    # A model without a head (include_top=False): its pooled features would pass for class scores.
+    (["predict", "{image}", "--model", "{tokens_keras}"], "predict needs a classifier"),
+    (["predict", "{image}", "--model", "{features_keras}"], "returns 32 pooled features, not class scores"),
+    (["export", "{features_keras}", "{folder}/export_features"], "export needs a classifier"),
+    (["predict", "{image}", "--model", "{folder}/exports/none/7"], "no such file or folder"),
+    (["predict", "{image}", "--explain", "{folder}/no_folder/out.png"], "no_folder does not exist"),
+    (["predict", "{image}", "--model", "{tiny}", "--precision", "bfloat16"], "applies to an OpenVINO export folder"),
+    (["export", "{tiny}", "{folder}/export", "--calibration-images", "{folder}"],
+     "only used by quantize='int8' with format='openvino'"),
 ]
 
 
@@ -371,6 +383,19 @@ def test_export_quantize_int8_writes_an_int8_model(batch, files):
     assert 1e-5 < difference <= INT8_TOLERANCE, difference
 
 
+def test_calibration_images_are_the_folders_image_files(files, tmp_path):
+    """A folder of images with other files in it (this project's own examples/images has CREDITS.md)."""
+    from keras_vit import cli
+
+    folder = os.path.join(ROOT, "examples", "images")
+    assert sorted(os.listdir(folder)) != sorted(os.path.basename(path) for path in EXAMPLE_IMAGES)
+    calibration = cli._calibration_images(folder, files["model"])
+    assert calibration.shape == (len(EXAMPLE_IMAGES), 32, 32, 3)
+    (tmp_path / "notes.md").write_text("no images here\n")
+    with pytest.raises(cli.UsageError, match="the folder has no image files"):
+        cli._calibration_images(str(tmp_path), files["model"])
+
+
 def test_predict_matches_the_model_and_explains(files, tmp_path):
     """A saved .keras model through the console script: the printed labels and
     scores are the model's on the resized images, and --explain draws them."""
@@ -407,3 +432,27 @@ def test_demo_exit_code_reflects_the_accuracy_bar(monkeypatch, capsys):
     assert "below the demo's 95% bar" in capsys.readouterr().err
     monkeypatch.setattr(demo, "run", lambda output_dir, epochs, seed: {"accuracy": 0.99})
     assert cli.main(["demo"]) == 0
+
+
+def test_predict_labels_flag_wins_over_a_saved_models_labels_file(tmp_path, capsys):
+    """A .keras model with NAME.labels.txt beside it prints those names; with
+    --labels, the given file's names instead, for the same classes in the same order."""
+    from keras_vit import cli
+    from keras_vit import labels as vit_labels
+
+    model = harness.tiny_vit()
+    harness.randomize_head(model)
+    path = str(tmp_path / "mine.keras")
+    model.save(path)
+    own, other = ["own_a", "own_b", "own_c", "own_d", "own_e"], ["other_a", "other_b", "other_c", "other_d", "other_e"]
+    with open(vit_labels.labels_file_for(path), "w") as file:
+        file.write("\n".join(own) + "\n")
+    (tmp_path / "other.txt").write_text("\n".join(other) + "\n")
+
+    def printed(*flags):
+        assert cli.main(["predict", EXAMPLE_IMAGES[0], "--model", path, "--top", "5", *flags]) == 0
+        return re.findall(r"^  [1-5]\. \d\.\d{4}  (\w+)$", capsys.readouterr().out, flags=re.MULTILINE)
+
+    without, given = printed(), printed("--labels", str(tmp_path / "other.txt"))
+    assert sorted(without) == own
+    assert given == [other[own.index(name)] for name in without]

@@ -388,7 +388,41 @@ def test_export_refuses_what_it_cannot_serve(tmp_path):
         serving.export_for_serving(model, str(tmp_path), class_names=["a", "b", "c"])
     with pytest.raises(ValueError, match="include_top=True"):
         serving.export_for_serving(tiny_vit(include_top=False), str(tmp_path))  # (batch, tokens, width)
+    # (batch, width) features have a classifier's shape: the export must not serve them as class scores.
+    with pytest.raises(ValueError, match="returns 32 pooled features, not class scores"):
+        serving.export_for_serving(tiny_vit(include_top=False, pooling="gap"), str(tmp_path))
+    with pytest.raises(ValueError, match="takes a Keras model, got str 'model.keras': load it with keras.saving"):
+        serving.export_for_serving("model.keras", str(tmp_path))
     assert os.listdir(tmp_path) == [], "a refused export writes nothing"
+
+
+@pytest.mark.parametrize("version, problem", [
+    ("v1", "got 'v1'"), (1.5, "got 1.5"), (-1, "got -1"), (True, "got True"), (2**63, "from 0 to 2**63-1"),
+])
+def test_a_bad_version_is_one_line_and_creates_no_folder(tmp_path, version, problem):
+    export_dir = tmp_path / "new_model"
+    with pytest.raises(ValueError) as error:
+        serving.export_for_serving(tiny_vit(), str(export_dir), version=version)
+    assert "version must be a whole number" in str(error.value) and problem in str(error.value)
+    assert not export_dir.exists()
+
+
+def test_an_export_folder_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "model.keras"
+    path.write_bytes(b"not a folder")
+    with pytest.raises(ValueError, match="is a file; the export needs a folder"):
+        serving.export_for_serving(tiny_vit(), str(path))
+    assert path.read_bytes() == b"not a folder"
+
+
+def test_a_failed_first_export_leaves_no_empty_folder(tmp_path, monkeypatch):
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(serving, "_save_module", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        serving.export_for_serving(tiny_vit(), str(tmp_path / "new_model"))
+    assert os.listdir(tmp_path) == []
 
 
 def test_default_class_names():

@@ -300,6 +300,17 @@ def test_a_mixed_precision_model_is_exported_in_float32(tmp_path):
     (dict(format="onnx", quantize="int8", calibration_images=np.zeros((1, 32, 32, 3))),
      "only used by quantize='int8' with format='openvino'"),
     (dict(calibration_images=np.zeros((1, 32, 32, 3))), "only used by quantize='int8' with format='openvino'"),
+    # Calibration images are checked before anything is written, as the model will be served.
+    (dict(format="openvino", quantize="int8", calibration_images=np.full((2, 64, 64, 3), 99.0)),
+     "calibration_images are 64x64 and the model takes 32x32"),
+    (dict(format="openvino", quantize="int8", calibration_images=np.full((2, 32, 32, 1), 99.0)),
+     "must be float32 pixels (count, height, width, 3)"),
+    (dict(format="openvino", quantize="int8", calibration_images=np.full((2, 32, 32, 3), 0.5)),
+     "look like [0, 1] values"),
+    (dict(format="openvino", quantize="int8", calibration_images=np.full((2, 32, 32, 3), 300.0)),
+     "must be pixels in [0, 255]"),
+    (dict(format="openvino", quantize="int8", any_size=True, calibration_images=np.full((2, 36, 32, 3), 99.0)),
+     "36x32, not a multiple of the model's 8x8 pixels per token"),
 ])
 def test_misuse_is_one_line_and_writes_nothing(tmp_path, arguments, problem):
     model = tiny_vit(input_shape=(None, None, 3)) if arguments.get("any_size") else tiny_vit()
@@ -324,6 +335,23 @@ def test_a_runtime_that_is_not_installed_is_one_line(monkeypatch, exports, tmp_p
     with pytest.raises(cli.UsageError) as error:
         runtimes.load_export(exports["vit", format])
     assert f"{runtime.run_needs} is not installed: pip install 'keras-vit[{runtime.extra}]'" in str(error.value)
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_a_model_keras_quantized_is_refused_by_the_runtime_formats(tmp_path, format):
+    model = tiny_vit()
+    model.quantize("int8")
+    with pytest.raises(ValueError, match=r"already quantized by Keras .* export the float model with quantize='int8'"):
+        serving.export_for_serving(model, str(tmp_path / "export"), format=format)
+    assert not (tmp_path / "export").exists()
+
+
+def test_precision_is_checked_and_only_for_openvino(exports):
+    with pytest.raises(cli.UsageError, match="precision must be one of 'float32', 'bfloat16', got 'fp16'"):
+        runtimes.load_export(exports["vit", "openvino"], precision="fp16")
+    for format in ("onnx", "litert"):
+        with pytest.raises(cli.UsageError, match="precision='bfloat16' applies to OpenVINO exports only"):
+            runtimes.load_export(exports["vit", format], precision="bfloat16")
 
 
 def test_predict_on_a_folder_without_an_export_says_so(tmp_path):
