@@ -204,3 +204,51 @@ def test_unknown_or_empty_datasets_get_one_line_errors(tmp_path):
         data.source(str(tmp_path))
     with pytest.raises(ValueError, match="split"):
         data.source("digits", "validation")
+
+
+def test_train_flip_argument_overrides_the_sources_default_both_ways():
+    """Images that brighten left to right: any crop and resize keeps that, a
+    mirror reverses it. flip=False never mirrors a source that flips by default;
+    flip=True mirrors some of 64 images of a source that does not (digits-like)."""
+    ramp = np.broadcast_to((np.arange(16) * 16).astype(np.uint8)[None, :, None], (16, 16, 3))
+    images, labels = np.stack([ramp] * 8), np.arange(8, dtype=np.int32) % 2
+
+    def read(shuffle_files, seed):
+        return tf.data.Dataset.from_tensor_slices((images, labels))
+
+    flipping = data.Source("ramps", "train", 2, 8, read, crop_area=(0.5, 1.0), flip=True, examples=(images, labels))
+    still = data.Source("ramps", "train", 2, 8, read, crop_area=(0.5, 1.0), flip=False, examples=(images, labels))
+
+    def mirrored(source, **flip):
+        batch = np.concatenate([x for x, _ in batches(data.train_dataset(source, 8, 16, seed=1, **flip), 4)])
+        left, right = batch[:, :, 0].mean(axis=(1, 2)), batch[:, :, -1].mean(axis=(1, 2))
+        assert np.all(left != right)  # every image is still a ramp, one way or the other
+        return left > right
+
+    assert not mirrored(flipping, flip=False).any()
+    assert not mirrored(still).any()  # the source's own default
+    flipped = mirrored(still, flip=True)
+    assert flipped.any() and not flipped.all()
+    assert mirrored(flipping).any()
+
+
+def test_eval_center_crop_keeps_the_aspect_or_squashes_as_told():
+    """A tall 40x20 image, crop_fraction 0.5 to 8 px: keep_aspect=True resizes
+    its shorter side to 16 (32x16) and crops the centre, keep_aspect=False
+    resizes it to 16x16 (big_vision's resize(256)|central_crop(224)) and crops."""
+    image = np.random.default_rng(0).integers(0, 256, (40, 20, 3)).astype(np.uint8)
+    source = data.Source("tall", "eval", 2, 1, lambda shuffle, seed: tf.data.Dataset.from_tensor_slices(
+        (image[None], np.array([1], np.int32))))
+
+    def pipeline(keep_aspect):
+        return batches(data.eval_dataset(source, 8, 1, crop_fraction=0.5, keep_aspect=keep_aspect), 1)[0][0][0]
+
+    def resized_then_cropped(height, width):
+        resized = tf.image.resize(image.astype(np.float32), (height, width), method="bilinear").numpy()
+        top, left = (height - 8) // 2, (width - 8) // 2
+        return resized[top:top + 8, left:left + 8]
+
+    kept, squashed = pipeline(True), pipeline(False)
+    np.testing.assert_allclose(kept, resized_then_cropped(32, 16), atol=1e-3)
+    np.testing.assert_allclose(squashed, resized_then_cropped(16, 16), atol=1e-3)
+    assert np.abs(kept - squashed).max() > 10

@@ -362,3 +362,32 @@ def test_scaling_example_end_to_end_on_a_tiny_budget(tmp_path):
     bad = subprocess.run([sys.executable, argv[0], "--models", "huge"], capture_output=True, text=True, timeout=120,
                          env=env, cwd=root)
     assert bad.returncode == 2 and "--models: unknown huge" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_few_shot_fits_its_ridge_with_the_l2_reg_it_is_given():
+    """A non-default l2_reg reaches every ridge fit: the accuracies are those of
+    the direct ridge solve with that penalty on the same features and draws,
+    not the default 2**10's."""
+    keras.utils.set_random_seed(0)
+    model = harness.tiny_vit(input_shape=(16, 16, 3), patch_size=4, classes=10)
+    shots, seeds, l2 = (1, 5, 10), (0, 1), 1.0
+    result = evaluation.few_shot(model, ["digits"], shots=shots, seeds=seeds, l2_reg=l2, verbose=0)["digits"]
+    train, test = (data.source("digits", split) for split in ("train", "eval"))
+    embed = lambda s: evaluation.features(  # noqa: E731
+        model, data.eval_dataset(s, 16, 64, crop_fraction=evaluation.fewshot.CROP_FRACTION, keep_aspect=False),
+        verbose=0)
+    (train_x, train_y), (test_x, test_y) = embed(train), embed(test)
+
+    def ridge_accuracies(penalty):
+        accuracies = {}
+        for seed in seeds:
+            draws = evaluation.sample_shots(train_y, shots, seed, 10)
+            accuracies[seed] = {}
+            for k, chosen in draws.items():
+                _, predictions = direct_ridge_predictions(train_x[chosen], train_y[chosen], test_x, 10, penalty)
+                accuracies[seed][k] = float(np.mean(predictions == test_y))
+        return accuracies
+
+    assert result["per_seed"] == ridge_accuracies(l2)
+    # The penalty matters on these features: the default's accuracies differ, so ignoring l2_reg shows.
+    assert ridge_accuracies(linear.DEFAULT_L2_REG) != result["per_seed"]
