@@ -22,8 +22,9 @@ def _fresh_keras_state():
     keras.backend.clear_session()
 
 
-# Variables that pytest and torch set for their own use (torch's compiler on its first run).
-_SET_BY_LIBRARIES = {"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
+# Variables that pytest and torch set for their own use (torch's compiler on its first run,
+# its cache folder when first asked for it: timm's imports can be the first).
+_SET_BY_LIBRARIES = {"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "TORCHINDUCTOR_CACHE_DIR"}
 
 
 @pytest.fixture(autouse=True)

@@ -189,6 +189,17 @@ def test_sizes_that_are_not_whole_patches_fail_in_one_line(dynamic_models):
     assert "40x32" in _one_line(error)
 
 
+@multibackend
+def test_an_image_without_a_whole_patch_gets_no_answer(dynamic_models):
+    """No token, no classification: an image 0 pixels wide is refused, not
+    answered from the class token alone. torch's convolution refuses it
+    first (in its own words); elsewhere keras_vit's line says why."""
+    with pytest.raises(Exception) as error:
+        dynamic_models["vit"](images(1, (32, 0, 3)))
+    if keras.backend.backend() != "torch":
+        assert "Input size 32x0 does not cut into whole patches" in _one_line(error)
+
+
 def test_unknown_size_in_a_graph_is_checked_at_run_time(dynamic_models):
     """model.predict traces again for open sizes: the graph checks the size."""
     if keras.backend.backend() != "tensorflow":

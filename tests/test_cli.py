@@ -108,6 +108,7 @@ def files(tmp_path_factory):
     harness.tiny_vit(include_top=False).save(folder / "tokens.keras")  # (batch, tokens, width)
     harness.tiny_vit(include_top=False, pooling="token").save(folder / "features.keras")  # (batch, width)
     (folder / "names.txt").write_text("\n".join(TINY_NAMES) + "\n")
+    (folder / "other_names.txt").write_text("\n".join(OTHER_NAMES) + "\n")
     (folder / "grey16.png").write_bytes(png16(GREY16))
     (folder / "colour16.png").write_bytes(png16(COLOUR16))
     (folder / "huge.png").write_bytes(png(20000, 20000))  # 69 bytes: Pillow's DecompressionBombError
@@ -125,12 +126,16 @@ def files(tmp_path_factory):
 
 
 TINY_NAMES = ["apple", "bear", "cloud", "dune", "eel"]
+OTHER_NAMES = ["ant", "bee", "cat", "dog", "elk"]
 INT8_TOLERANCE = 0.1  # test_serving.py's: largest int8-vs-float probability difference (why: there)
 EXPORT = ["export", "tiny.keras", "exports/tiny", "--labels", "names.txt", "--top", "2"]
 EXPORT_INT8 = ["export", "tiny.keras", "exports/tiny_int8", "--labels", "names.txt", "--top", "2", "--quantize", "int8"]
 # Every class of the tiny model with its softmax head, and of the same weights returning logits.
 PREDICT_ALL = {name: ["predict", *EXAMPLE_IMAGES, "--model", name, "--labels", "names.txt", "--top", "5"]
                for name in ("tiny.keras", "tiny_logits.keras")}
+# The export of EXPORT (its labels.txt holds TINY_NAMES), with --labels: the user's names win.
+PREDICT_EXPORT_LABELS = ["predict", EXAMPLE_IMAGES[0], "--model", "exports/tiny", "--labels", "other_names.txt",
+                         "--top", "5"]
 PREDICT_16_BIT = ["predict", "grey16.png", "colour16.png", "--model", "tiny.keras", "--labels", "names.txt",
                   "--top", "5"]
 NO_HASH = "00" * 32
@@ -182,6 +187,8 @@ MISUSES = [
     (["predict", "{image}", "--model", "{features_keras}"], "returns 32 pooled features, not class scores"),
     (["export", "{features_keras}", "{folder}/export_features"], "export needs a classifier"),
     (["predict", "{image}", "--model", "{folder}/exports/none/7"], "no such file or folder"),
+    (["predict", "{image}", "--model", "exports/none/7"], "exports/none/7: no such file or folder"),  # relative
+    (["export", "{folder}", "{folder}/export"], "not a .keras model file"),
     (["predict", "{image}", "--explain", "{folder}/no_folder/out.png"], "no_folder does not exist"),
     (["predict", "{image}", "--model", "{tiny}", "--precision", "bfloat16"], "applies to an OpenVINO export folder"),
     (["export", "{tiny}", "{folder}/export", "--calibration-images", "{folder}"],
@@ -196,7 +203,7 @@ def batch(files, tmp_path_factory):
     command_lines = [[part.format(**values) for part in argv] for argv, _ in MISUSES]
     command_lines += [[name, "--help"] for name in SUBCOMMANDS] + [["--help"]]
     command_lines += [["list"], ["predict", *EXAMPLE_IMAGES, "--model", "ViT_Ti16", "--top", "3"], EXPORT, EXPORT_INT8]
-    command_lines += list(PREDICT_ALL.values()) + [PREDICT_16_BIT]
+    command_lines += list(PREDICT_ALL.values()) + [PREDICT_16_BIT, PREDICT_EXPORT_LABELS]
     work = tmp_path_factory.mktemp("batch")
     (work / "argv.json").write_text(json.dumps(command_lines))
     (work / "driver.py").write_text(BATCH_DRIVER)
@@ -363,6 +370,17 @@ def test_export_writes_a_servable_model(batch, files):
     np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
     top = [[TINY_NAMES[i].encode() for i in row] for row in np.argsort(-expected, axis=-1)[:, :2]]
     assert served["top_k_labels"].numpy().tolist() == top
+
+
+def test_predict_on_an_export_takes_the_given_labels(batch):
+    exported = batch[0][tuple(PREDICT_EXPORT_LABELS)]
+    assert exported["code"] == 0, exported["stderr"]
+    printed = re.findall(r"^  [1-5]\. \d\.\d{4}  (\w+)$", exported["stdout"], flags=re.MULTILINE)
+    assert sorted(printed) == sorted(OTHER_NAMES), exported["stdout"]
+    # The same classes in the same order as the model's own names (predict on the .keras file).
+    own = re.findall(r"^  [1-5]\. \d\.\d{4}  (\w+)$", batch[0][tuple(PREDICT_ALL["tiny.keras"])]["stdout"],
+                     flags=re.MULTILINE)[:5]
+    assert printed == [OTHER_NAMES[TINY_NAMES.index(name)] for name in own]
 
 
 def test_export_quantize_int8_writes_an_int8_model(batch, files):

@@ -301,8 +301,10 @@ def test_a_mixed_precision_model_is_exported_in_float32(tmp_path):
      "only used by quantize='int8' with format='openvino'"),
     (dict(calibration_images=np.zeros((1, 32, 32, 3))), "only used by quantize='int8' with format='openvino'"),
     # Calibration images are checked before anything is written, as the model will be served.
-    (dict(format="openvino", quantize="int8", calibration_images=np.full((2, 64, 64, 3), 99.0)),
-     "calibration_images are 64x64 and the model takes 32x32"),
+    (dict(format="openvino", quantize="int8", calibration_images=np.full((2, 32, 64, 3), 99.0)),
+     "calibration_images are 32x64 and the model takes 32x32"),
+    (dict(format="openvino", quantize="int8", calibration_images=np.full((2, 64, 32, 3), 99.0)),
+     "calibration_images are 64x32 and the model takes 32x32"),
     (dict(format="openvino", quantize="int8", calibration_images=np.full((2, 32, 32, 1), 99.0)),
      "must be float32 pixels (count, height, width, 3)"),
     (dict(format="openvino", quantize="int8", calibration_images=np.full((2, 32, 32, 3), 0.5)),
