@@ -24,6 +24,11 @@ from keras_vit.errors import UsageError, first_line  # noqa: E402
 
 FLAGS = flags.FLAGS
 OUR_FLAGS = []  # the flags these scripts define, for error messages
+# Flags a resumed run may change: where and how it runs and what it evaluates.
+# Every other flag defines the run (its batches, model, schedule), so a
+# resume under another value is refused (keras_vit.training.train's settings).
+NOT_THE_RUN = {"eval_dataset", "data_dir", "eval_batch_size", "strategy", "distribution", "tpu", "cpu_replicas",
+               "jit_compile", "model_dir", "save_every"}
 
 
 def _define(kind, name, default, help, **kwargs):
@@ -105,7 +110,10 @@ def _main(argv, build_recipe):
         setup = _setup(build_recipe)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
         fail(first_line(error))
-    _train(*setup)
+    try:
+        _train(*setup)
+    except UsageError as error:  # a resume under other flags
+        fail(first_line(error))
 
 
 def _setup(build_recipe):
@@ -218,6 +226,7 @@ def _train(trainer, train_data, eval_data, eval_source, recipe, strategy):
         FLAGS.model_dir,
         save_every=min(FLAGS.save_every, recipe.total_steps),
         eval_data=eval_data,
+        settings={name: FLAGS[name].value for name in OUR_FLAGS if name not in NOT_THE_RUN},
     )
     directory = training.process_directory(FLAGS.model_dir) if strategy.jax else training.task_directory(
         FLAGS.model_dir, strategy.tf_strategy)

@@ -251,6 +251,9 @@ def test_pretrain_and_one_line_errors(tmp_path):
     assert code == 0, stderr[-3000:]
     assert "sigmoid_cross_entropy" in stdout and "Adam lr 0.001, weight decay 0.03" in stdout
     assert results(tmp_path / "pretrain")["steps"] == 6
+    # Started again with another --seed (a flag that defines the batches): refused, not resumed.
+    jobs["resume"] = jobs["pretrain"] + ["--seed", "1"]
+    done["resume"] = finish({"resume": start(jobs["resume"], env=env)})["resume"]
 
     expected = {
         "tpu": "--strategy tpu: no TPU found",
@@ -258,6 +261,7 @@ def test_pretrain_and_one_line_errors(tmp_path):
         "dataset": "Unknown dataset 'mnist': use one of cifar10, cifar100, oxford_iiit_pet",
         "flag": "Unknown command line flag 'epochz'",
         "distribution": "--distribution data: keras.distribution needs KERAS_BACKEND=jax",
+        "resume": "holds a run saved with other settings (seed 0 -> 1)",
     }
     for name, (_, stderr, code) in done.items():
         lines = [line for line in stderr.splitlines() if "error:" in line]

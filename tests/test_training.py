@@ -1,6 +1,7 @@
 """keras_vit.training: the paper's recipes, the schedule and losses numerically,
 gradient accumulation equal to a large batch, the fault-tolerant checkpoint."""
 
+import json
 import math
 import os
 
@@ -250,6 +251,46 @@ def test_train_checkpoints_and_resumes_to_the_exact_step_count(tmp_path):
     assert (second["steps"], second["start_step"], len(second["history"]["loss"])) == (9, 7, 1)
     done = training.train(trainer(), train_data, 9, str(tmp_path), save_every=4, verbose=0)
     assert (done["steps"], done["start_step"], done["history"]) == (9, 9, {})  # finished: nothing to redo
+
+
+def test_a_resume_under_other_settings_is_refused(tmp_path):
+    """An exact resume needs the run it resumes: settings saved with the
+    checkpoint that differ from the new run's are named in one line, and
+    nothing saved is touched; the same settings (a tuple read back as a
+    list) resume."""
+    from keras_vit import data
+    from keras_vit.errors import UsageError
+
+    source = data.source("digits", "train")
+
+    def train_data(step):
+        return data.train_dataset(source, 16, 8, seed=0, start_step=step)
+
+    def trainer():
+        keras.utils.set_random_seed(0)
+        trainer = training.Trainer(tiny_vit(input_shape=(16, 16, 3), classes=10))
+        trainer.compile(optimizer=training.finetune_recipe(total_steps=4).optimizer, loss="categorical_crossentropy")
+        return trainer
+
+    settings = {"seed": 0, "batch_size": 8, "image_size": (16, 16)}
+    training.train(trainer(), train_data, 2, str(tmp_path), save_every=2, verbose=0, settings=settings)
+    state = tmp_path / "checkpoint" / training.Backup.WEIGHTS
+    saved = state.read_bytes()
+    for other, named in (
+        (dict(settings, seed=1), "seed 0 -> 1"),
+        (dict(settings, mixup=0.2), "mixup unset -> 0.2"),
+        ({"seed": 0, "batch_size": 8}, "image_size [16, 16] -> unset"),
+    ):
+        with pytest.raises(UsageError) as error:
+            training.train(trainer(), train_data, 4, str(tmp_path), save_every=2, verbose=0, settings=other)
+        message = str(error.value)
+        assert "\n" not in message and named in message and "new model_dir" in message, message
+    assert state.read_bytes() == saved
+    assert json.loads((tmp_path / "checkpoint" / training.Backup.INFO).read_text())["step"] == 2
+    resumed = training.train(trainer(), train_data, 4, str(tmp_path), save_every=2, verbose=0, settings=settings)
+    assert (resumed["start_step"], resumed["steps"]) == (2, 4)
+    # Not asked (settings=None): resumes whatever was saved.
+    assert training.train(trainer(), train_data, 4, str(tmp_path), verbose=0)["start_step"] == 4
 
 
 def test_trainer_under_mixed_float16_scales_the_loss():

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_vit.errors import UsageError
 from keras_vit.training import sharding
 from keras_vit.training.distribute import task_directory
 
@@ -41,15 +42,19 @@ class Backup(keras.callbacks.Callback):
     INFO = "state.json"
     SEED_STATES = "keras_vit_seed_generator_states"  # a dataset of the weights file, beside Keras's groups
 
-    def __init__(self, directory):
+    def __init__(self, directory, settings=None):
+        """`settings`: a JSON-able dict of what defines the run (see `train`),
+        saved with each state; `restore` refuses a state saved under others."""
         super().__init__()
         self.directory = directory
+        self.settings = None if settings is None else json.loads(json.dumps(settings))
         self.path = os.path.join(directory, self.WEIGHTS)
 
     def restore(self, model):
         """Loads the saved state into a `Trainer`; returns the step it was saved at (0: none)."""
         if not os.path.exists(self.path):
             return 0
+        self._check_settings()
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         model.load_weights(self.path)
@@ -66,6 +71,29 @@ class Backup(keras.callbacks.Callback):
                 generator.state.assign(ops.cast(state, generator.state.dtype))
         return _step(model)
 
+    def _check_settings(self):
+        """A resume under other settings would silently train another run."""
+        info = os.path.join(self.directory, self.INFO)
+        saved = None
+        if self.settings is not None and os.path.exists(info):
+            with open(info) as f:
+                saved = json.load(f).get("settings")
+        if saved is None:  # not asked, or saved without settings (before they were recorded)
+            return
+        def shown(settings, name):
+            return repr(settings[name]) if name in settings else "unset"
+
+        changed = [
+            f"{name} {shown(saved, name)} -> {shown(self.settings, name)}"
+            for name in sorted(set(saved) | set(self.settings))
+            if name not in saved or name not in self.settings or saved[name] != self.settings[name]
+        ]
+        if changed:
+            raise UsageError(
+                f"{self.directory} holds a run saved with other settings ({'; '.join(changed)}): resume it with "
+                "the settings it was saved with, or train in a new model_dir."
+            )
+
     def on_epoch_end(self, epoch, logs=None):
         self.save()
 
@@ -78,7 +106,10 @@ class Backup(keras.callbacks.Callback):
             with h5py.File(partial, "a") as f:
                 f.create_dataset(self.SEED_STATES, data=np.stack([_numpy(g.state) for g in generators]))
         os.replace(partial, self.path)
-        _write_json(os.path.join(self.directory, self.INFO), {"step": _step(self.model)})
+        info = {"step": _step(self.model)}
+        if self.settings is not None:
+            info["settings"] = self.settings
+        _write_json(os.path.join(self.directory, self.INFO), info)
 
 
 def _step(trainer):
@@ -116,6 +147,7 @@ def train(
     eval_data=None,
     callbacks=(),
     verbose=2,
+    settings=None,
 ):
     """Runs `total_steps` updates of `trainer` with checkpoints, resuming
     where a previous run with the same `model_dir` stopped.
@@ -136,6 +168,12 @@ def train(
         eval_data: a dataset evaluated at the end.
         callbacks: more Keras callbacks.
         verbose: `fit`'s verbosity (2: a line per checkpoint interval).
+        settings: a JSON-able dict of what defines the run (the batch stream,
+            the model, the schedule: seed, batch size, steps, augmentation...),
+            saved with each checkpoint. A resume whose `settings` differ from
+            the saved ones raises a `keras_vit.errors.UsageError` naming the
+            differences, as an exact resume needs the same run; None: not
+            checked.
 
     The strategy is the one the trainer was built under: on TensorFlow its
     `tf.distribute` strategy, on JAX the current `keras.distribution` (or
@@ -154,7 +192,7 @@ def train(
         scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
         replicas = sharding.replicas(distribution)
     is_chief = directory == model_dir
-    backup = Backup(os.path.join(directory, "checkpoint"))
+    backup = Backup(os.path.join(directory, "checkpoint"), settings)
     with scope:  # optimizer slots made by the restore belong to the strategy (laid out as their variables)
         start_step = backup.restore(trainer)
     if start_step:
