@@ -328,7 +328,6 @@ def _predict_with_export(args, images):
     import numpy as np
 
     from keras_vit import labels as vit_labels
-
     from keras_vit import runtimes
 
     for flag, value in (("--weights", args.weights), ("--sha256", args.sha256), ("--explain", args.explain)):

@@ -164,6 +164,16 @@ def image_size_error(height, width, multiple):
     return error
 
 
+def check_image_size(height, width, multiple):
+    """(rows, cols) of tokens for a (height, width) input of `multiple`
+    pixels per token, or the `image_size_error` line: each side must be a
+    whole multiple, and at least one (no token, no answer)."""
+    rows, cols = height // multiple[0], width // multiple[1]
+    if height % multiple[0] or width % multiple[1] or not rows or not cols:
+        raise image_size_error(height, width, multiple)
+    return rows, cols
+
+
 def _checked_in_graph(rows, cols, height, width, multiple):
     """The one place keras_vit's model code reaches below keras.ops: a
     TensorFlow graph traced for unknown image sizes (`model.predict` traces
@@ -219,6 +229,36 @@ def square_grid_size(num_grid_tokens):
 # ---------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------
+
+
+@serializable
+class ImageSizeCheck(layers.Layer):
+    """Passes images through unchanged after checking that they cut into
+    whole tokens of `patch_pixels` (rows, cols) input pixels.
+
+    The first layer of a model of any size: there the convolutions of the
+    patch embedding or ResNet stem would otherwise refuse an image smaller
+    than a token first, in the backend's multi-line words. A size unknown
+    while tracing (a TensorFlow graph) is checked by `PositionEmbedding`.
+    """
+
+    def __init__(self, patch_pixels, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_pixels = as_pair(patch_pixels)
+
+    def call(self, images):
+        height, width = images.shape[1], images.shape[2]
+        if height is not None and width is not None:
+            check_image_size(height, width, self.patch_pixels)
+        return images
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(patch_pixels=self.patch_pixels)
+        return config
 
 
 @serializable
@@ -353,10 +393,7 @@ class PositionEmbedding(layers.Layer):
             raise ValueError(f"{self.name}: built for one grid; it takes no images (patch_pixels=None).")
         height, width = images.shape[1], images.shape[2]
         if height is not None and width is not None:
-            rows, cols = height // self.patch_pixels[0], width // self.patch_pixels[1]
-            if height % self.patch_pixels[0] or width % self.patch_pixels[1] or not rows or not cols:
-                raise image_size_error(height, width, self.patch_pixels)
-            return rows, cols
+            return check_image_size(height, width, self.patch_pixels)
         shape = ops.shape(images)
         height, width = shape[1], shape[2]
         rows, cols = height // self.patch_pixels[0], width // self.patch_pixels[1]

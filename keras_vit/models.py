@@ -5,6 +5,7 @@ the official ones, and each has a constructor with the `keras.applications`
 signature (`ViT_B16`, `R50_ViT_B16`, ...). Layer names of a built model (the
 contract that `keras_vit.npz` and `keras_vit.views` rely on):
 
+    image_size_check     ImageSizeCheck (models of any size only)
     rescaling            pixels [0, 255] -> [-1, 1] (with include_preprocessing)
     resnet_stem          ResNetStem (hybrids only)
     patch_embed          PatchEncoder: (batch, rows*cols, width)      "stem"
@@ -152,6 +153,8 @@ def ViT(
         inputs = input_tensor
 
     x = inputs
+    if any_size:
+        x = vit_layers.ImageSizeCheck(patch_pixels, name="image_size_check")(x)
     if include_preprocessing:
         x = vit_layers.pixel_rescaling()(x)
     images = x

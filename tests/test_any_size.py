@@ -190,14 +190,16 @@ def test_sizes_that_are_not_whole_patches_fail_in_one_line(dynamic_models):
 
 
 @multibackend
-def test_an_image_without_a_whole_patch_gets_no_answer(dynamic_models):
-    """No token, no classification: an image 0 pixels wide is refused, not
-    answered from the class token alone. torch's convolution refuses it
-    first (in its own words); elsewhere keras_vit's line says why."""
-    with pytest.raises(Exception) as error:
-        dynamic_models["vit"](images(1, (32, 0, 3)))
-    if keras.backend.backend() != "torch":
-        assert "Input size 32x0 does not cut into whole patches" in _one_line(error)
+@pytest.mark.parametrize("size", [(32, 0), (0, 32), (8, 32), (32, 8)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("architecture", list(BUILDERS))
+def test_an_image_smaller_than_a_token_gets_no_answer(dynamic_models, architecture, size):
+    """No token, no classification: an image smaller than a token is refused,
+    not answered from the class token alone, and in keras_vit's line, before
+    the patch embedding's or the stem's convolution refuses it in the
+    backend's words."""
+    with pytest.raises(ValueError) as error:
+        dynamic_models[architecture](images(1, size + (3,)))
+    assert f"Input size {size[0]}x{size[1]} does not cut into whole patches" in _one_line(error)
 
 
 def test_unknown_size_in_a_graph_is_checked_at_run_time(dynamic_models):
