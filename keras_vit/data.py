@@ -611,10 +611,13 @@ def _batch_augmentation(value_range, randaugment, mixup, seed):
     import keras
 
     layers = []
+    # float32 whatever the global policy: pixels and one-hot labels are float32
+    # here (MixUp under mixed_bfloat16 would multiply bf16 weights into them).
     if randaugment is not None:
-        layers.append(keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=randaugment, seed=seed))
+        layers.append(keras.layers.RandAugment(
+            value_range=(0, 255), num_ops=2, factor=randaugment, seed=seed, dtype="float32"))
     if mixup:
-        layers.append(keras.layers.MixUp(alpha=mixup, seed=seed + 1))
+        layers.append(keras.layers.MixUp(alpha=mixup, seed=seed + 1, dtype="float32"))
     generators = [g for layer in layers for g in _tf_seed_generators(layer)]
 
     def apply(number, batch):

@@ -1,6 +1,7 @@
 """keras_vit.data: every TFDS pipeline on mock data, the digits and image-folder
 sources, the model's input range, determinism."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -122,6 +123,22 @@ def test_resumed_digits_batches_are_the_uninterrupted_ones_with_randaugment_and_
     ds = data.train_dataset(source, 8, 160, **augment)
     batches(ds, 2)
     assert_same(batches(ds, 1), stream[:1])
+
+
+def test_augmented_batches_do_not_depend_on_the_dtype_policy():
+    """Under mixed precision (--mixed_precision) the pipeline still makes
+    float32 batches, the very ones of a float32 run: MixUp used to multiply
+    its bfloat16 weights into float32 labels and fail."""
+    source = data.source("digits", "train")
+    augment = dict(seed=3, randaugment=0.5, mixup=0.2)
+    reference = batches(data.train_dataset(source, SIZE, 8, **augment), 2)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        mixed = batches(data.train_dataset(source, SIZE, 8, **augment), 2)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert all(x.dtype == y.dtype == np.float32 for x, y in mixed)
+    assert_same(mixed, reference)
 
 
 def test_randaugment_changes_the_images_deterministically():
