@@ -51,8 +51,8 @@ def build_recipe(train_source, variant):
     if FLAGS.objective == "masked_patch":
         return training.masked_patch_recipe(
             total_steps=FLAGS.steps or training.MASKED_PATCH_STEPS,
-            warmup_steps=training.PRETRAIN_WARMUP_STEPS if FLAGS.warmup_steps is None else FLAGS.warmup_steps,
-            learning_rate=FLAGS.learning_rate or training.MASKED_PATCH_LEARNING_RATE,
+            warmup_steps=FLAGS.warmup_steps,
+            learning_rate=training.MASKED_PATCH_LEARNING_RATE if FLAGS.learning_rate is None else FLAGS.learning_rate,
             batch_size=FLAGS.batch_size,
             accum_steps=FLAGS.accum_steps,
         )
@@ -62,7 +62,7 @@ def build_recipe(train_source, variant):
         num_examples=train_source.num_examples,
         epochs=FLAGS.epochs,
         total_steps=FLAGS.steps,
-        warmup_steps=training.PRETRAIN_WARMUP_STEPS if FLAGS.warmup_steps is None else FLAGS.warmup_steps,
+        warmup_steps=FLAGS.warmup_steps,
         learning_rate=FLAGS.learning_rate,
         weight_decay=FLAGS.weight_decay,
         dropout=FLAGS.dropout,

@@ -144,6 +144,25 @@ def test_pretrain_recipe_follows_table_3():
         training.pretrain_recipe("B/16", "laion")
 
 
+def test_recipes_use_the_warmup_and_learning_rate_given():
+    """Defaults fill only what was not given: an explicit warm-up longer than
+    a tenth of the run is kept (it was cut to a tenth), and a learning rate of
+    0 is refused (it became the default) in every recipe."""
+    recipes = {
+        "finetune": lambda **kw: training.finetune_recipe(**kw),
+        "pretrain": lambda **kw: training.pretrain_recipe("B/16", "imagenet21k", **kw),
+        "masked_patch": lambda **kw: training.masked_patch_recipe(**kw),
+    }
+    for name, recipe in recipes.items():
+        assert recipe(total_steps=1000, warmup_steps=500).learning_rate.warmup_steps == 500, name
+        assert recipe(total_steps=1000).warmup_steps == 100, name  # the default: a tenth of a short run
+        assert recipe(total_steps=1000, learning_rate=0.5).learning_rate.base_learning_rate == 0.5, name
+        with pytest.raises(ValueError, match="learning rate must be more than 0, got 0"):
+            recipe(total_steps=1000, learning_rate=0.0)
+        with pytest.raises(ValueError, match="total_steps must be at least 1, got 0"):
+            recipe(total_steps=0)
+
+
 def test_pretrain_schedule_shape():
     recipe = training.pretrain_recipe("B/16", "imagenet21k", total_steps=200, warmup_steps=20)
     got = rates(recipe.learning_rate, np.arange(200))

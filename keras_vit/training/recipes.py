@@ -50,6 +50,10 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     def __init__(self, base_learning_rate, total_steps, warmup_steps=0, decay="cosine", end_learning_rate=1e-5):
         if decay not in DECAYS:
             raise ValueError(f"Unknown decay {decay!r}; use one of {DECAYS}.")
+        if not base_learning_rate > 0:  # a rate of 0 trains nothing: always a mistake
+            raise ValueError(f"The learning rate must be more than 0, got {base_learning_rate}.")
+        if not total_steps >= 1:
+            raise ValueError(f"total_steps must be at least 1, got {total_steps}.")
         if not 0 <= warmup_steps < total_steps:
             raise ValueError(
                 f"warmup_steps must be at least 0 and fewer than the total steps ({total_steps}), got {warmup_steps}."
@@ -228,7 +232,7 @@ def finetune_recipe(
         warmup_steps = preset.warmup_steps if preset else FINETUNE_WARMUP_STEPS
         if not preset or total_steps != preset.total_steps:  # a shorter run: warm up for a tenth at most
             warmup_steps = min(warmup_steps, total_steps // 10)
-    schedule = WarmupDecay(learning_rate or FINETUNE_LEARNING_RATE, total_steps, warmup_steps, "cosine")
+    schedule = WarmupDecay(_given(learning_rate, FINETUNE_LEARNING_RATE), total_steps, warmup_steps, "cosine")
     optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, global_clipnorm=clip_norm)
     return Recipe(
         optimizer=optimizer,
@@ -253,7 +257,7 @@ def pretrain_recipe(
     num_examples=None,
     epochs=None,
     total_steps=None,
-    warmup_steps=PRETRAIN_WARMUP_STEPS,
+    warmup_steps=None,
     learning_rate=None,
     weight_decay=None,
     dropout=None,
@@ -269,8 +273,8 @@ def pretrain_recipe(
         num_examples: examples per epoch of the data actually used (default
             the paper's dataset size); with `epochs` it sets the step count.
         epochs, total_steps: override the preset's epochs / the step count.
-        warmup_steps: linear warm-up (10k in the paper; at most a tenth of a
-            shorter run).
+        warmup_steps: linear warm-up steps; default 10k as in the paper, at
+            most a tenth of a shorter run (a value given is used as it is).
         learning_rate, weight_decay, dropout: override the preset's.
         batch_size: global batch (4096 in the paper).
         accum_steps: micro-batches per update (see `Trainer`).
@@ -300,8 +304,8 @@ def pretrain_recipe(
     info = PRETRAIN_DATASETS[dataset]
     if total_steps is None:
         total_steps = math.ceil((epochs or preset.epochs) * (num_examples or info.num_examples) / batch_size)
-    warmup_steps = min(warmup_steps, total_steps // 10)
-    schedule = WarmupDecay(learning_rate or preset.learning_rate, total_steps, warmup_steps, preset.decay)
+    warmup_steps = _warmup(warmup_steps, total_steps)
+    schedule = WarmupDecay(_given(learning_rate, preset.learning_rate), total_steps, warmup_steps, preset.decay)
     weight_decay = preset.weight_decay if weight_decay is None else weight_decay
     optimizer = keras.optimizers.AdamW(
         learning_rate=schedule,
@@ -336,7 +340,7 @@ MASKED_PATCH_LEARNING_RATE = 2e-4
 def masked_patch_recipe(
     *,
     total_steps=MASKED_PATCH_STEPS,
-    warmup_steps=PRETRAIN_WARMUP_STEPS,
+    warmup_steps=None,
     learning_rate=MASKED_PATCH_LEARNING_RATE,
     batch_size=PRETRAIN_BATCH_SIZE,
     accum_steps=1,
@@ -346,12 +350,12 @@ def masked_patch_recipe(
     Adam (beta 0.9, 0.999, no weight decay), base learning rate 2e-4,
     10k warm-up steps then cosine decay, batch 4096, 1M steps (about 14
     epochs of JFT; the paper saw diminishing returns after 100k). The
-    warm-up is at most a tenth of a shorter run. For
+    default warm-up is at most a tenth of a shorter run. For
     `keras_vit.pretraining.MaskedPatchPrediction`, which adds its own loss:
     `loss` is None (compile with `loss=recipe.loss`, i.e. none).
     `accum_steps`: micro-batches per update (see `Trainer`).
     """
-    warmup_steps = min(warmup_steps, total_steps // 10)
+    warmup_steps = _warmup(warmup_steps, total_steps)
     schedule = WarmupDecay(learning_rate, total_steps, warmup_steps, "cosine")
     optimizer = keras.optimizers.Adam(learning_rate=schedule, beta_1=0.9, beta_2=0.999)
     return Recipe(
@@ -368,6 +372,16 @@ def masked_patch_recipe(
             f"decay over {total_steps} steps, batch {batch_size}"
         ),
     )
+
+
+def _given(value, default):
+    """`value` unless it is None (0 is a value, not "unset": it gets refused)."""
+    return default if value is None else value
+
+
+def _warmup(warmup_steps, total_steps):
+    """The pre-training warm-up: as given, else the paper's 10k, at most a tenth of a shorter run."""
+    return min(PRETRAIN_WARMUP_STEPS, total_steps // 10) if warmup_steps is None else warmup_steps
 
 
 def _variant(model):
