@@ -226,7 +226,7 @@ def _train(trainer, train_data, eval_data, eval_source, recipe, strategy):
         FLAGS.model_dir,
         save_every=min(FLAGS.save_every, recipe.total_steps),
         eval_data=eval_data,
-        settings={name: FLAGS[name].value for name in OUR_FLAGS if name not in NOT_THE_RUN},
+        settings=_run_settings(recipe),
     )
     directory = training.process_directory(FLAGS.model_dir) if strategy.jax else training.task_directory(
         FLAGS.model_dir, strategy.tf_strategy)
@@ -251,6 +251,21 @@ def _train(trainer, train_data, eval_data, eval_source, recipe, strategy):
 
 
 ENCODER_WEIGHTS = "encoder.weights.h5"
+
+
+def _run_settings(recipe):
+    """What defines the run, for `training.train(settings=)` to compare on a
+    resume: every flag but NOT_THE_RUN, as values rather than spellings
+    (--model_args parsed, paths absolute, the recipe's steps, warm-up and
+    learning rate whether given or defaulted)."""
+    settings = {name: FLAGS[name].value for name in OUR_FLAGS if name not in NOT_THE_RUN}
+    for name in ("dataset", "weights"):
+        if settings[name] and os.path.exists(settings[name]):
+            settings[name] = os.path.realpath(settings[name])
+    settings["model_args"] = _parse_model_args(FLAGS.model_args)
+    settings.update(steps=recipe.total_steps, warmup_steps=recipe.warmup_steps,
+                    learning_rate=recipe.learning_rate.base_learning_rate)
+    return settings
 
 
 class _Strategy:

@@ -34,6 +34,7 @@ and the standard deviation over the seeds; stages already done are read back.
 
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -86,6 +87,42 @@ def encoder_path(seed):
     return os.path.join(FLAGS.output_dir, f"seed-{seed}", "encoder.weights.h5")
 
 
+PRETRAIN_FLAGS = ("model", "target", "corruption_rate", "pretrain_steps", "pretrain_batch_size",
+                  "pretrain_learning_rate")
+
+
+def pretrain_settings(seed):
+    """What made seed-S/encoder.weights.h5 (saved beside it as pretrain.json)."""
+    return {"seed": seed, **{name: FLAGS[name].value for name in PRETRAIN_FLAGS}}
+
+
+def settings_path(seed):
+    return os.path.join(os.path.dirname(encoder_path(seed)), "pretrain.json")
+
+
+def check_encoder(seed):
+    """Whether seed S's encoder is there, made with these flags: a stage reads
+    an encoder back only when it is the one the flags ask for."""
+    path = encoder_path(seed)
+    if not os.path.exists(path):
+        return False
+    saved = None
+    if os.path.exists(settings_path(seed)):
+        with open(settings_path(seed)) as f:
+            saved = json.load(f)
+    wanted = pretrain_settings(seed)
+    if saved != wanted:
+        changed = "; ".join(f"--{name} {saved.get(name)} -> {wanted[name]}" for name in PRETRAIN_FLAGS
+                            if saved.get(name) != wanted[name]) if saved else "no pretrain.json beside it"
+        fail(f"{path} was pre-trained with other flags ({changed}): give those flags, or another --output_dir")
+    return True
+
+
+def fail(message):
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 # --- 1. pre-training ------------------------------------------------------------
 
 
@@ -96,7 +133,7 @@ def pretrain(seed, x_train):
     from keras_vit.pretraining import MaskedPatchPrediction
 
     path = encoder_path(seed)
-    if os.path.exists(path):
+    if check_encoder(seed):
         return None
     encoder = build(seed, include_top=False)
     mpp = MaskedPatchPrediction(encoder, target=FLAGS.target, corruption_rate=FLAGS.corruption_rate, seed=seed)
@@ -115,6 +152,8 @@ def pretrain(seed, x_train):
     history = mpp.fit(ds, steps_per_epoch=batches, epochs=epochs, verbose=0).history["loss"]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     mpp.encoder.save_weights(path)
+    with open(settings_path(seed), "w") as f:
+        json.dump(pretrain_settings(seed), f, indent=1)
     result = {"seed": seed, "loss_first_epoch": history[0], "loss_last_epoch": history[-1],
               "steps": batches * epochs, "seconds": round(time.time() - began, 1)}
     print(f"pre-trained seed {seed}: loss {history[0]:.3f} -> {history[-1]:.3f} "
@@ -211,6 +250,10 @@ def main(argv):
     results_path = os.path.join(FLAGS.output_dir, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     results.setdefault("seconds", {})
+    if FLAGS.stage in ("fewshot", "finetune"):
+        for seed in seeds:
+            if not check_encoder(seed):
+                fail(f"no pre-trained encoder at {encoder_path(seed)}: run --stage pretrain (or all) first")
     x_train, y_train, x_test, y_test = digits()
 
     def save():

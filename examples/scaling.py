@@ -99,7 +99,12 @@ def pretrain(model_name, train_source, num_examples, seed, run_dir):
         return data.train_dataset(subset, FLAGS.image_size, FLAGS.batch_size, seed=seed, start_step=start_step,
                                   value_range=value_range)
 
-    training.train(trainer, batches, recipe.total_steps, run_dir, save_every=recipe.total_steps, verbose=0)
+    # A run_dir trained under other flags is refused, not reused or resumed under another schedule.
+    settings = dict(model=model_name, dataset=train_source.name, train_examples=num_examples, seed=seed,
+                    image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, steps=recipe.total_steps,
+                    learning_rate=FLAGS.learning_rate, weight_decay=FLAGS.weight_decay)
+    training.train(trainer, batches, recipe.total_steps, run_dir, save_every=recipe.total_steps, verbose=0,
+                   settings=settings)
     return model
 
 

@@ -221,12 +221,12 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
         after = results(resumed)
         assert after["start_step"] == saved[name]
         assert after["steps"] == results(uninterrupted)["steps"] == 100
-        # Only the steps after the checkpoint were run again: one log line per remaining interval.
+        # The logs of the whole run: those before the kill from the checkpoint, then the resumed run's.
         losses = after["history"]["loss"]
-        assert len(losses) == (100 - saved[name]) // 10
+        assert len(losses) == 10
         differences[name] = {
             "weights": max(float(np.abs(a - b).max()) for a, b in zip(weights(resumed), weights(uninterrupted))),
-            "losses": float(np.abs(np.subtract(losses, results(uninterrupted)["history"]["loss"][-len(losses):])).max()),
+            "losses": float(np.abs(np.subtract(losses, results(uninterrupted)["history"]["loss"])).max()),
         }
     # Both strategies checked before failing: float round-off at most.
     assert all(d["weights"] <= 1e-6 and d["losses"] <= 1e-6 for d in differences.values()), differences
@@ -251,9 +251,15 @@ def test_pretrain_and_one_line_errors(tmp_path):
     assert code == 0, stderr[-3000:]
     assert "sigmoid_cross_entropy" in stdout and "Adam lr 0.001, weight decay 0.03" in stdout
     assert results(tmp_path / "pretrain")["steps"] == 6
-    # Started again with another --seed (a flag that defines the batches): refused, not resumed.
-    jobs["resume"] = jobs["pretrain"] + ["--seed", "1"]
-    done["resume"] = finish({"resume": start(jobs["resume"], env=env)})["resume"]
+    # Started again with another --seed (a flag that defines the batches):
+    # refused, not resumed; with the same run spelled otherwise: resumed.
+    same = [a.replace("patch_size=8,hidden_size=32", "hidden_size=32,patch_size=8") for a in jobs["pretrain"]]
+    assert same != jobs["pretrain"]
+    again = finish({"resume": start(jobs["pretrain"] + ["--seed", "1"], env=env), "same": start(same, env=env)})
+    stdout, stderr, code = again.pop("same")
+    assert code == 0 and "Resuming from step 6" in stdout, stderr[-3000:]
+    assert len(results(tmp_path / "pretrain")["history"]["loss"]) == 2  # the run's logs are kept
+    done.update(again)
 
     expected = {
         "tpu": "--strategy tpu: no TPU found",

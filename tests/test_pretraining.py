@@ -444,3 +444,25 @@ def test_pretrain_example_on_an_unlabelled_folder_resumes_and_feeds_finetune(tmp
         assert model.output.shape == (None, 3)
     loaded = keras.saving.load_model(os.path.join(whole, "model.keras"), safe_mode=True)
     assert isinstance(loaded, MaskedPatchPrediction)
+
+
+def test_digits_study_reads_back_only_the_encoders_its_flags_ask_for(tmp_path):
+    """examples/masked_patch_digits.py skips a seed whose encoder is there:
+    one pre-trained under other flags (another --target) is refused in one
+    line, not read back as if it were the one asked for, and a later stage
+    without encoders says to pre-train first."""
+    study = os.path.join(ROOT, "examples", "masked_patch_digits.py")
+    tiny = ["--model", "micro", "--seeds", "0", "--pretrain_steps", "2", "--pretrain_batch_size", "512"]
+    run_examples(pretrain=[study, *tiny, "--output_dir", str(tmp_path), "--stage", "pretrain"])
+    with open(tmp_path / "seed-0" / "pretrain.json") as f:
+        assert json.load(f)["target"] == "mean_color"
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    for flags, expected in (
+        (["--output_dir", str(tmp_path), "--stage", "pretrain", "--target", "pixels"],
+         "was pre-trained with other flags (--target mean_color -> pixels)"),
+        (["--output_dir", str(tmp_path / "empty"), "--stage", "fewshot"], "run --stage pretrain (or all) first"),
+    ):
+        done = subprocess.run([sys.executable, study, *tiny, *flags], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        errors = [line for line in done.stderr.splitlines() if "error:" in line]
+        assert done.returncode == 2 and len(errors) == 1 and expected in errors[0], done.stderr[-2000:]

@@ -265,11 +265,18 @@ def test_train_checkpoints_and_resumes_to_the_exact_step_count(tmp_path):
     first = training.train(trainer(), train_data, 7, str(tmp_path), save_every=3, verbose=0)
     assert (first["steps"], first["start_step"], len(first["history"]["loss"])) == (7, 0, 3)  # 3 + 3 + 1
     assert os.path.isdir(tmp_path / "logs" / "train") and os.path.exists(tmp_path / "model.keras")
-    # Started again with another interval and a longer run: it goes on from step 7, to exactly 9.
+    # Started again with another interval and a longer run: it goes on from
+    # step 7, to exactly 9; its logs are the whole run's (3 from the checkpoint).
     second = training.train(trainer(), train_data, 9, str(tmp_path), save_every=4, verbose=0)
-    assert (second["steps"], second["start_step"], len(second["history"]["loss"])) == (9, 7, 1)
+    assert (second["steps"], second["start_step"], len(second["history"]["loss"])) == (9, 7, 4)
+    assert second["history"]["loss"][:3] == first["history"]["loss"]
     done = training.train(trainer(), train_data, 9, str(tmp_path), save_every=4, verbose=0)
-    assert (done["steps"], done["start_step"], done["history"]) == (9, 9, {})  # finished: nothing to redo
+    # Finished: nothing to redo, and results.json keeps the run's logs.
+    assert (done["steps"], done["start_step"], done["history"]) == (9, 9, second["history"])
+    assert json.loads((tmp_path / "results.json").read_text())["history"] == second["history"]
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="save_every must be a whole number of steps, at least 1"):
+            training.train(trainer(), train_data, 9, str(tmp_path), save_every=bad, verbose=0)
 
 
 def test_a_resume_under_other_settings_is_refused(tmp_path):
@@ -304,6 +311,12 @@ def test_a_resume_under_other_settings_is_refused(tmp_path):
             training.train(trainer(), train_data, 4, str(tmp_path), save_every=2, verbose=0, settings=other)
         message = str(error.value)
         assert "\n" not in message and named in message and "new model_dir" in message, message
+    # Another model in the same model_dir: one line, not Keras's list of every layer.
+    other_model = training.Trainer(tiny_vit(input_shape=(16, 16, 3), classes=10, depth=1))
+    other_model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    with pytest.raises(UsageError, match=r"holds the state of another model \(.*\): resume with the model") as error:
+        training.train(other_model, train_data, 4, str(tmp_path), save_every=2, verbose=0, settings=settings)
+    assert "\n" not in str(error.value)
     assert state.read_bytes() == saved
     assert json.loads((tmp_path / "checkpoint" / training.Backup.INFO).read_text())["step"] == 2
     resumed = training.train(trainer(), train_data, 4, str(tmp_path), save_every=2, verbose=0, settings=settings)

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import numbers
 import os
 import time
 
@@ -26,8 +27,8 @@ def process_directory(model_dir):
 
 class Backup(keras.callbacks.Callback):
     """Saves the whole training state (weights, optimizer slots, step, the
-    layers' random state) at the end of every epoch and restores it with
-    `restore()`.
+    layers' random state, the per-epoch logs so far) at the end of every
+    epoch and restores it with `restore()`.
 
     Unlike `keras.callbacks.BackupAndRestore` (Keras 3.15), a save is atomic
     (written aside, then renamed: a kill mid-save keeps the previous one), a
@@ -49,15 +50,34 @@ class Backup(keras.callbacks.Callback):
         self.directory = directory
         self.settings = None if settings is None else json.loads(json.dumps(settings))
         self.path = os.path.join(directory, self.WEIGHTS)
+        self.history = {}  # per-epoch logs of the whole run: the restored ones, then this process's
+
+    def _info(self):
+        path = os.path.join(self.directory, self.INFO)
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
 
     def restore(self, model):
         """Loads the saved state into a `Trainer`; returns the step it was saved at (0: none)."""
         if not os.path.exists(self.path):
             return 0
-        self._check_settings()
+        info = self._info()
+        self._check_settings(info.get("settings"))
+        # Keras loads a smaller model from a bigger one's file without a word
+        # (and skips the optimizer's slots with a warning): compare first.
+        saved, shapes = info.get("weight_shapes"), _weight_shapes(model)
+        if saved is not None and saved != shapes:
+            first = next((i for i, (a, b) in enumerate(zip(saved, shapes)) if a != b), min(len(saved), len(shapes)))
+            raise UsageError(
+                f"{self.path} holds the state of another model ({len(saved)} weights, this one has {len(shapes)}; "
+                f"weight {first} differs): resume with the model that saved it, or train in a new model_dir."
+            )
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         model.load_weights(self.path)
+        self.history = info.get("history", {})
         generators = _seed_generators(model)
         with h5py.File(self.path, "r") as f:
             states = f[self.SEED_STATES][()] if self.SEED_STATES in f else None
@@ -71,14 +91,9 @@ class Backup(keras.callbacks.Callback):
                 generator.state.assign(ops.cast(state, generator.state.dtype))
         return _step(model)
 
-    def _check_settings(self):
+    def _check_settings(self, saved):
         """A resume under other settings would silently train another run."""
-        info = os.path.join(self.directory, self.INFO)
-        saved = None
-        if self.settings is not None and os.path.exists(info):
-            with open(info) as f:
-                saved = json.load(f).get("settings")
-        if saved is None:  # not asked, or saved without settings (before they were recorded)
+        if self.settings is None or saved is None:  # not asked, or saved before settings were recorded
             return
         def shown(settings, name):
             return repr(settings[name]) if name in settings else "unset"
@@ -95,6 +110,8 @@ class Backup(keras.callbacks.Callback):
             )
 
     def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
         self.save()
 
     def save(self):
@@ -106,7 +123,7 @@ class Backup(keras.callbacks.Callback):
             with h5py.File(partial, "a") as f:
                 f.create_dataset(self.SEED_STATES, data=np.stack([_numpy(g.state) for g in generators]))
         os.replace(partial, self.path)
-        info = {"step": _step(self.model)}
+        info = {"step": _step(self.model), "history": self.history, "weight_shapes": _weight_shapes(self.model)}
         if self.settings is not None:
             info["settings"] = self.settings
         _write_json(os.path.join(self.directory, self.INFO), info)
@@ -114,6 +131,11 @@ class Backup(keras.callbacks.Callback):
 
 def _step(trainer):
     return int(ops.convert_to_numpy(trainer.steps_done))
+
+
+def _weight_shapes(trainer):
+    """The shapes of the trained model's weights, in order: what a state must fit."""
+    return [list(weight.shape) for weight in getattr(trainer, "model", trainer).weights]
 
 
 def _numpy(variable):
@@ -180,8 +202,12 @@ def train(
     none), whose other processes write under `model_dir/process-N`.
 
     Returns the results dict also written to results.json: steps done,
-    the step it resumed from, per-epoch training logs, the evaluation.
+    the step it resumed from, the per-epoch training logs of the whole run
+    (those before a resume come from the checkpoint), the evaluation.
     """
+    for name, value in (("total_steps", total_steps), ("save_every", save_every)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a whole number of steps, at least 1; got {value!r}.")
     if keras.backend.backend() == "tensorflow":
         strategy = trainer.distribute_strategy
         directory = task_directory(model_dir, strategy)
@@ -201,7 +227,6 @@ def train(
     if is_chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(directory, "logs")))
 
-    history = {}
     began = time.time()
     # A Keras epoch is one checkpoint interval; a shorter one ends the run.
     full, last = divmod(max(total_steps - start_step, 0), save_every)
@@ -210,7 +235,7 @@ def train(
             continue
         step = _step(trainer)
         first_epoch = step // save_every  # only numbers the log lines
-        fitted = trainer.fit(
+        trainer.fit(
             train_data(step),
             initial_epoch=first_epoch,
             epochs=first_epoch + count,
@@ -219,14 +244,12 @@ def train(
             callbacks=callbacks,
             verbose=verbose,
         )
-        for key, values in fitted.history.items():
-            history.setdefault(key, []).extend(float(v) for v in values)
     results = {
         "steps": _step(trainer),
         "start_step": start_step,
         "train_seconds": round(time.time() - began, 1),
         "replicas": replicas,
-        "history": history,
+        "history": backup.history,
     }
     if eval_data is not None:
         results["eval"] = {k: float(v) for k, v in trainer.evaluate(eval_data, return_dict=True, verbose=0).items()}
