@@ -199,24 +199,38 @@ def _setup(build_recipe):
             mixup=FLAGS.mixup,
         )
 
-    eval_data = data.eval_dataset(
-        eval_source,
-        size,
-        FLAGS.eval_batch_size or recipe.batch_size,
-        value_range=value_range,
-        # TPUs need static shapes; keras.distribution splits every batch evenly over its devices.
-        drop_remainder=on_tpu or strategy.distribution is not None,
-    )
+    eval_batch, eval_images = FLAGS.eval_batch_size or recipe.batch_size, eval_source.num_examples
+    # TPUs need static shapes; keras.distribution splits every batch evenly over its devices.
+    whole_batches = on_tpu or strategy.distribution is not None
+    if whole_batches:
+        eval_batch, eval_images = _whole_eval_batches(eval_batch, eval_source, replicas)
+    eval_data = data.eval_dataset(eval_source, size, eval_batch, value_range=value_range, drop_remainder=whole_batches)
     print(
         f"{FLAGS.model} on {train_source.name} ({train_source.num_classes} classes) at {size}x{size}, "
         f"{replicas} replica(s) ({strategy.name}), XLA {'on' if trainer.jit_compile else 'off'}.\n"
         f"{recipe.description}",
         flush=True,
     )
-    return trainer, train_data, eval_data, eval_source, recipe, strategy
+    return trainer, train_data, eval_data, eval_source, eval_images, recipe, strategy
 
 
-def _train(trainer, train_data, eval_data, eval_source, recipe, strategy):
+def _whole_eval_batches(requested, source, replicas):
+    """(batch, images evaluated) for an evaluation in whole batches that
+    split evenly over `replicas`: the largest such batch, at most
+    `requested`, that divides the eval set (no image left out), else the
+    largest that fits in it. The batch size changes no result."""
+    count = source.num_examples
+    if count is None:  # unknown size: whole batches of what was asked
+        return max(requested // replicas, 1) * replicas, None
+    if count < replicas:
+        raise UsageError(f"{source.name}'s {source.split} split has {count} images, fewer than the {replicas} "
+                         "replicas that split each evaluation batch")
+    sizes = range(replicas, min(requested, count) // replicas * replicas + 1, replicas)
+    batch = max((b for b in sizes if count % b == 0), default=sizes[-1] if sizes else replicas)
+    return batch, count // batch * batch
+
+
+def _train(trainer, train_data, eval_data, eval_source, eval_images, recipe, strategy):
     from keras_vit import training
 
     results = training.train(
@@ -230,7 +244,9 @@ def _train(trainer, train_data, eval_data, eval_source, recipe, strategy):
     )
     directory = training.process_directory(FLAGS.model_dir) if strategy.jax else training.task_directory(
         FLAGS.model_dir, strategy.tf_strategy)
-    held_out = f"on {eval_source.name} ({eval_source.split}, {eval_source.num_examples or '?'} images)"
+    count = eval_source.num_examples
+    evaluated = f"{eval_images or '?'}" if eval_images == count else f"{eval_images or 'whole batches'} of {count or '?'}"
+    held_out = f"on {eval_source.name} ({eval_source.split}, {evaluated} images)"
     if masked_patch_objective():
         # The encoder alone (no mask token, no prediction head), for examples/finetune.py --weights.
         encoder_path = os.path.join(directory, ENCODER_WEIGHTS)

@@ -287,6 +287,16 @@ def test_example_with_model_4_on_one_process_and_on_two_processes(tmp_path):
     assert "ModelParallel, mesh 2 batch x 4 model" in out["one"] and "Trained 4 steps" in out["one"], out["one"]
     assert "mesh 2 batch x 4 model, 2 processes" in out["process-0"], out["process-0"]
     one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    # Evaluated in whole batches split over the 2 batch replicas, yet on every
+    # one of the 360 images (the batch of 16 asked for would leave out 8).
+    assert "(eval, 360 images)" in out["one"], out["one"]
+    from keras_vit import data
+
+    trained = keras.saving.load_model(tmp_path / "one" / "model.keras")
+    held_out = data.eval_dataset(data.source("digits", "eval"), 16, 120, value_range=data.input_range(trained))
+    x, y = (np.concatenate(part) for part in zip(*held_out.as_numpy_iterator()))
+    accuracy = np.mean(np.argmax(numpy(trained.predict(x, verbose=0)), -1) == np.argmax(y, -1))
+    assert one["eval"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
     np.testing.assert_allclose(two["history"]["loss"], one["history"]["loss"], rtol=1e-5)
     assert os.path.exists(tmp_path / "two" / "process-1" / "model.keras")  # process 1 writes aside
     load = keras.saving.load_model
