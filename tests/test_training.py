@@ -8,6 +8,7 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from harness import images, randomize_head, stop_and_resume, tiny_vit
 
 from keras_vit import training
@@ -209,6 +210,18 @@ def test_accumulated_micro_batches_equal_one_large_batch():
 def test_trainer_rejects_bad_accumulation():
     with pytest.raises(ValueError, match="accum_steps"):
         training.Trainer(tiny_vit(), accum_steps=0)
+    # Batches that do not split into accum_steps micro-batches: one line before
+    # training (arrays), or TensorFlow's assertion with that line (a dataset).
+    trainer = training.Trainer(tiny_vit(), accum_steps=2)
+    trainer.compile(optimizer="sgd", loss="categorical_crossentropy")
+    labels = np.eye(5, dtype="float32")[np.arange(69) % 5]
+    for count, batch, left in ((69, 32, 5), (64, 31, 31)):
+        with pytest.raises(ValueError, match=rf"^A batch of {left} does not split into accum_steps=2 equal micro"):
+            trainer.fit(images(count), labels[:count], batch_size=batch, verbose=0)
+    assert int(keras.ops.convert_to_numpy(trainer.steps_done)) == 0
+    dataset = tf.data.Dataset.from_tensor_slices((images(69), labels)).batch(32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="A batch does not split into accum_steps=2"):
+        trainer.fit(dataset, verbose=0)
 
 
 # --- strategies and the checkpoint -----------------------------------------

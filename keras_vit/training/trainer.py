@@ -15,6 +15,8 @@ it): the optimizer's own clipping already sees the whole gradient, and
 `Trainer` adds the same in-step accumulation.
 """
 
+import math
+
 import keras
 from keras import ops
 
@@ -56,6 +58,26 @@ class Trainer(keras.Model):
     def call(self, inputs, training=False):
         return self.model(inputs, training=training)
 
+    def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
+        """`keras.Model.fit`; arrays whose batches (the last one too) do not
+        split into `accum_steps` micro-batches are refused before training."""
+        arrays = keras.tree.flatten(x) if x is not None else []
+        if self.accum_steps > 1 and arrays and hasattr(arrays[0], "shape") and len(arrays[0].shape):
+            count = int(math.floor(arrays[0].shape[0] * (1.0 - kwargs.get("validation_split", 0.0))))
+            batch = batch_size or 32  # Keras's default
+            for size in (min(batch, count), count % batch):
+                if size % self.accum_steps:
+                    raise ValueError(self._split_error(size))
+        return super().fit(x, y, batch_size, *args, **kwargs)
+
+    def _split_error(self, batch=None):
+        """The one line for a batch (of `batch` examples, when known) that `accum_steps` does not divide."""
+        size = "" if batch is None else f" of {batch}"
+        return (
+            f"A batch{size} does not split into accum_steps={self.accum_steps} equal micro-batches: give "
+            "batches of a multiple of it, the last one too (drop it: drop_remainder=True, or fewer examples)."
+        )
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras 3.15 learns the batch shapes by reducing a first batch across
         # replicas, which fails under MultiWorkerMirroredStrategy ("Attempt to
@@ -90,7 +112,13 @@ class Trainer(keras.Model):
             grads = self._micro_step(x, y, sample_weight, variables)
         else:
             def split(t):  # (batch, ...) -> (k, batch / k, ...)
-                return None if t is None else tf.reshape(t, tf.concat([[k, -1], tf.shape(t)[1:]], 0))
+                if t is None:
+                    return None
+                batch = tf.shape(t)[0]
+                check = tf.debugging.assert_equal(
+                    batch % k, 0, message=self._split_error())
+                with tf.control_dependencies([check]):
+                    return tf.reshape(t, tf.concat([[k, -1], tf.shape(t)[1:]], 0))
 
             xs, ys, ws = tf.nest.map_structure(split, (x, y, sample_weight))
 
@@ -139,7 +167,11 @@ class Trainer(keras.Model):
             grads, non_trainable, metrics_variables = micro_step(x, y, sample_weight, non_trainable, metrics_variables)
         else:
             def split(t):  # (batch, ...) -> (batch / k, k, ...): micro-batch i is [:, i]
-                return None if t is None else jax.numpy.reshape(jax.numpy.asarray(t), (-1, k) + tuple(t.shape[1:]))
+                if t is None:
+                    return None
+                if t.shape[0] % k:  # shapes are static while JAX traces
+                    raise ValueError(self._split_error(t.shape[0]))
+                return jax.numpy.reshape(jax.numpy.asarray(t), (-1, k) + tuple(t.shape[1:]))
 
             xs, ys, ws = jax.tree_util.tree_map(split, (x, y, sample_weight))
 
