@@ -13,7 +13,8 @@ JSON, rewritten after every task; the table printed at the end sits beside
 the paper's Table 9 row for the same checkpoint where the paper has one
 (ViT_L16 with the original ImageNet-21k file: "ViT-L/16 (ImageNet-21k)"), or
 the row --paper_row names. Resisc45 and Retinopathy need a manual download
-into <data_dir>/downloads/manual (the error says how). For a quick run on a
+into <data_dir>/downloads/manual (the error says how; every task asked for is
+checked before the first one trains). For a quick run on a
 small machine: --model ViT --model_args patch_size=8,hidden_size=32,depth=2,
 num_heads=4,mlp_dim=64 --image_size 32 --steps 10 --batch_size 16.
 """

@@ -454,6 +454,10 @@ def _calibration_images(folder, model):
 # ---------------------------------------------------------------------------
 
 
+FEW_SHOT_BATCH_SIZE = 64
+FEW_SHOT_SEEDS = 3
+
+
 def _int_list(text):
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
@@ -480,12 +484,20 @@ def _add_evaluate(subparsers):
                         "imagenet2012, digits or an image folder; repeat or separate by commas")
     parser.add_argument("--shots", type=_int_list, default=None, metavar="K,K,...",
                         help="examples per class (default 1,5,10,25)")
-    parser.add_argument("--seeds", type=_positive_int, default=3, metavar="N", help="seeds 0..N-1 (3)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (64)")
+    # None: not given, so that --vtab can refuse it (and pick its own batch size).
+    parser.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+                        help=f"seeds 0..N-1 ({FEW_SHOT_SEEDS})")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help=f"images per forward pass ({FEW_SHOT_BATCH_SIZE}); with --vtab, the fine-tuning batch "
+                        "(the paper's 512)")
+    parser.add_argument("--image-size", type=_positive_int, default=None, metavar="PIXELS",
+                        help="the side of the square images fed to the model: default its input size, required for "
+                        "a model of any size; with --vtab, the fine-tuning and test resolution (the paper's 384)")
     parser.add_argument("--data-dir", default=None, help="the TFDS data directory")
     parser.add_argument("--vtab", default=None, metavar="TASKS",
                         help="instead: fine-tune on VTAB-1k tasks (all, natural, specialized, structured or "
-                        "names separated by commas) with the paper's protocol")
+                        "names separated by commas) with the paper's protocol; --shots, --seeds and --dataset "
+                        "do not apply")
     parser.add_argument("--output", default=None, metavar="OUT.json", help="also write the results as JSON")
 
 
@@ -499,11 +511,27 @@ def _run_evaluate(args):
     names = [name.strip() for value in args.dataset for name in value.split(",") if name.strip()]
     datasets = {name: evaluation.dataset_sources(name, args.data_dir) for name in names}  # before the model
     model, _, source = _load_model(args.model, args.weights)
+    seeds = args.seeds or FEW_SHOT_SEEDS
     results = evaluation.few_shot(model, datasets, shots=args.shots or evaluation.SHOTS,
-                                  seeds=tuple(range(args.seeds)), batch_size=args.batch_size,
-                                  data_dir=args.data_dir)
-    print(f"{args.model} ({source}): few-shot linear accuracy (%), mean ± std over {args.seeds} seed(s)")
+                                  seeds=tuple(range(seeds)), batch_size=args.batch_size or FEW_SHOT_BATCH_SIZE,
+                                  data_dir=args.data_dir, image_size=_few_shot_image_size(args, model))
+    print(f"{args.model} ({source}): few-shot linear accuracy (%), mean ± std over {seeds} seed(s)")
     return _report(evaluation.format_results(results), results, args.output)
+
+
+def _few_shot_image_size(args, model):
+    """--image-size, checked against the model: required for a model of any size, else its own size or absent."""
+    size = tuple(model.input_shape[1:3])
+    if None in size:
+        if args.image_size is None:
+            stored = "x".join(map(str, _input_size(model)))
+            raise UsageError(f"{args.model} takes images of any size: give --image-size PIXELS, the side to feed it "
+                             f"(its position embedding was stored for {stored}).")
+        return args.image_size
+    if args.image_size is not None and size != (args.image_size, args.image_size):
+        raise UsageError(f"--image-size {args.image_size} does not apply to {args.model}: it takes "
+                         f"{size[0]}x{size[1]} images; leave --image-size out.")
+    return args.image_size
 
 
 def _run_vtab(args):
@@ -512,13 +540,20 @@ def _run_vtab(args):
 
     if args.model.endswith(MODEL_FILE_SUFFIX):
         raise UsageError("--vtab fine-tunes a fresh model per task: give a constructor name and --weights.")
+    # VTAB fine-tunes on each task's 1,000 examples with one seed: few-shot flags would be silently ignored.
+    for flag, value in (("--shots", args.shots), ("--seeds", args.seeds), ("--dataset", args.dataset)):
+        if value is not None:
+            raise UsageError(f"{flag} does not apply to --vtab: it fine-tunes on each task's 1,000 training "
+                             f"examples (leave {flag} out, or drop --vtab for few-shot evaluation).")
     constructor = models.get_constructor(args.model)
     tasks = vtab.parse_tasks(args.vtab)
 
     def build_model(num_classes, input_shape):
         return constructor(weights=args.weights, classes=num_classes, input_shape=input_shape)
 
-    results = vtab.run(build_model, tasks, data_dir=args.data_dir)
+    protocol = {"batch_size": args.batch_size, "image_size": args.image_size}  # the paper's where not given
+    results = vtab.run(build_model, tasks, data_dir=args.data_dir,
+                       **{name: value for name, value in protocol.items() if value is not None})
     return _report(vtab.format_results(results), results, args.output)
 
 

@@ -362,6 +362,11 @@ def test_scaling_example_end_to_end_on_a_tiny_budget(tmp_path):
     bad = subprocess.run([sys.executable, argv[0], "--models", "huge"], capture_output=True, text=True, timeout=120,
                          env=env, cwd=root)
     assert bad.returncode == 2 and "--models: unknown huge" in bad.stderr.strip().splitlines()[-1]
+    # Run again into the same folder under another learning rate: refused, not read back as if it were that run.
+    other = subprocess.run([sys.executable, *argv, "--learning_rate", "0.5"], capture_output=True, text=True,
+                           timeout=300, env=env, cwd=root)
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "holds a run saved with other settings (learning_rate 0.001 -> 0.5)" in other.stderr.strip().splitlines()[-1]
 
 
 def test_few_shot_fits_its_ridge_with_the_l2_reg_it_is_given():
@@ -391,3 +396,137 @@ def test_few_shot_fits_its_ridge_with_the_l2_reg_it_is_given():
     assert result["per_seed"] == ridge_accuracies(l2)
     # The penalty matters on these features: the default's accuracies differ, so ignoring l2_reg shows.
     assert ridge_accuracies(linear.DEFAULT_L2_REG) != result["per_seed"]
+
+
+def test_features_take_class_ids_with_a_trailing_axis_as_class_ids():
+    """keras.datasets gives labels of shape (N, 1): they were taken for one-hot,
+    and their argmax made every label 0."""
+    model = harness.tiny_vit()
+    images, labels = harness.images(6), np.array([3, 1, 4, 1, 0, 2])
+    _, got = evaluation.features(model, _batches(images, labels[:, None]), verbose=0)
+    np.testing.assert_array_equal(got, labels)
+    # A label width known only when the data flows: decided per batch.
+    unknown_width = tf.data.Dataset.from_generator(
+        lambda: iter([(images[:3], labels[:3, None]), (images[3:], labels[3:, None])]),
+        output_signature=(tf.TensorSpec((None, 32, 32, 3), tf.float32), tf.TensorSpec((None, None), tf.int64)),
+    ).apply(tf.data.experimental.assert_cardinality(2))
+    np.testing.assert_array_equal(evaluation.features(model, unknown_width, verbose=0)[1], labels)
+    one_hot = unknown_width.map(lambda x, y: (x, tf.one_hot(y[:, 0], 5)))
+    np.testing.assert_array_equal(evaluation.features(model, one_hot, verbose=0)[1], labels)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda x, y: tf.data.Dataset.from_tensor_slices(x).batch(4),
+     "features needs a dataset of (images, labels) batches, got elements of shape (None, 32, 32, 3)"),
+    (lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)),
+     "the dataset yields single images of shape (32, 32, 3): batch it first"),
+    (lambda x, y: tf.data.Dataset.from_tensor_slices((x, y[:, None, None])).batch(4),
+     "labels of shape (None, 1, 1)"),
+])
+def test_features_of_a_dataset_without_labels_or_batches_is_one_line(make, message):
+    model = harness.tiny_vit()
+    with pytest.raises(ValueError) as excinfo:
+        evaluation.features(model, make(harness.images(4), np.arange(4)), verbose=0)
+    assert message in str(excinfo.value) and "\n" not in str(excinfo.value), str(excinfo.value)
+
+
+def test_linear_few_shot_takes_class_ids_of_shape_n_1_and_refuses_one_hot_in_one_line():
+    """Test labels (M, 1) compared with (M,) predictions broadcast to (M, M): a wrong accuracy."""
+    rng = np.random.default_rng(0)
+    train_x, test_x = rng.normal(size=(40, 6)), rng.normal(size=(10, 6))
+    train_y, test_y = np.arange(40) % 4, rng.integers(0, 4, 10)
+    expected = evaluation.linear_few_shot(train_x, train_y, test_x, test_y)
+    assert evaluation.linear_few_shot(train_x, train_y[:, None], test_x, test_y[:, None]) == expected
+    solver = linear.LinearFewShot(train_x, train_y)
+    assert solver.accuracy(test_x, test_y[:, None], [1.0]) == solver.accuracy(test_x, test_y, [1.0])
+    for bad_labels, message in [(np.eye(4)[test_y], "got (10, 6) and (10, 4) (one-hot? pass np.argmax"),
+                                (test_y[:9], "got (10, 6) and (9,)")]:
+        with pytest.raises(ValueError, match="Expected test features") as excinfo:
+            solver.accuracy(test_x, bad_labels)
+        assert message in str(excinfo.value)
+    with pytest.raises(ValueError, match=r"Expected features \(M, 6\) like the train features, got \(10, 5\)"):
+        solver.accuracy(test_x[:, :5], test_y)
+
+
+@pytest.mark.parametrize("protocol, message", [
+    (dict(shots=[-1]), "shots must be a non-empty list of whole numbers from 1, got (-1,)"),
+    (dict(shots=[0, 5]), "(0 is not one)"),
+    (dict(shots="5"), "shots must be a list of whole numbers, got '5'"),
+    (dict(shots=[]), "shots must be a non-empty list"),
+    (dict(shots=[2.5]), "(2.5 is not one)"),
+    (dict(seeds=[]), "seeds must be a non-empty list of whole numbers from 0, got ()"),
+    (dict(seeds=["0"]), "('0' is not one)"),
+    (dict(seeds=3), "seeds must be a list of whole numbers, got 3"),
+])
+def test_few_shot_refuses_shots_and_seeds_that_are_not_lists_of_whole_numbers(protocol, message):
+    """shots=[-1] was a "-1-shot" result (indices[:-1]: all but one image per class)."""
+    with pytest.raises(ValueError) as excinfo:
+        evaluation.few_shot(harness.tiny_vit(), ["digits"], **{"seeds": [0], **protocol}, verbose=0)
+    assert message in str(excinfo.value) and "\n" not in str(excinfo.value), str(excinfo.value)
+
+
+def test_few_shot_of_a_model_of_any_size_is_fed_the_image_size_it_is_given(tmp_path):
+    """It read input_shape[1], None for such a model: a 97-line TypeError."""
+    keras.utils.set_random_seed(0)
+    any_size = harness.tiny_vit(input_shape=(None, None, 3), patch_size=4, classes=10)
+    with pytest.raises(ValueError, match="takes images of any size: pass image_size") as excinfo:
+        evaluation.few_shot(any_size, ["digits"], shots=(1,), seeds=(0,), verbose=0)
+    assert "\n" not in str(excinfo.value)
+    got = evaluation.few_shot(any_size, ["digits"], shots=(1, 5), seeds=(0,), image_size=16, verbose=0)
+    weights = str(tmp_path / "any.weights.h5")
+    any_size.save_weights(weights)
+    fixed = harness.tiny_vit(input_shape=(16, 16, 3), patch_size=4, classes=10, weights=weights)
+    expected = evaluation.few_shot(fixed, ["digits"], shots=(1, 5), seeds=(0,), verbose=0)
+    assert got["digits"]["per_seed"][0] == pytest.approx(expected["digits"]["per_seed"][0], abs=1 / 360)
+    with pytest.raises(ValueError, match="takes 16x16 images, not image_size 32: leave image_size out"):
+        evaluation.few_shot(fixed, ["digits"], shots=(1,), seeds=(0,), image_size=32, verbose=0)
+
+
+def test_cli_evaluate_feeds_a_model_of_any_size_the_image_size_flag(tmp_path, capsys):
+    from keras_vit import cli
+
+    keras.utils.set_random_seed(0)
+    path = str(tmp_path / "any.keras")
+    harness.tiny_vit(input_shape=(None, None, 3), patch_size=4, classes=10).save(path)
+    argv = ["evaluate", path, "--dataset", "digits", "--shots", "1", "--seeds", "1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "takes images of any size: give --image-size PIXELS" in err, err
+    assert cli.main(argv + ["--image-size", "16"]) == 0
+    assert "mean ± std over 1 seed(s)" in capsys.readouterr().out
+    fixed = str(tmp_path / "fixed.keras")
+    harness.tiny_vit(input_shape=(16, 16, 3), patch_size=4, classes=10).save(fixed)
+    assert cli.main(["evaluate", fixed, "--dataset", "digits", "--image-size", "32"]) == 2
+    assert "--image-size 32 does not apply to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shots", "5"], "--shots does not apply to --vtab"),
+    (["--seeds", "2"], "--seeds does not apply to --vtab"),
+    (["--dataset", "digits"], "--dataset does not apply to --vtab"),
+])
+def test_cli_evaluate_vtab_refuses_the_few_shot_flags_in_one_line(flags, message, capsys, monkeypatch):
+    """They were silently ignored: vtab.run was given data_dir only."""
+    from keras_vit import cli
+    from keras_vit.evaluation import vtab
+
+    monkeypatch.setattr(vtab, "run", lambda *args, **kwargs: pytest.fail("ran VTAB"))
+    assert cli.main(["evaluate", "ViT_Ti16", "--vtab", "dtd", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_cli_evaluate_vtab_passes_batch_and_image_size_through(capsys, monkeypatch):
+    from keras_vit import cli
+    from keras_vit.evaluation import vtab
+
+    calls = []
+
+    def run(build_model, tasks, **kwargs):
+        calls.append((tasks, kwargs))
+        return vtab.summarize({"dtd": 0.5})
+
+    monkeypatch.setattr(vtab, "run", run)
+    assert cli.main(["evaluate", "ViT_Ti16", "--vtab", "dtd", "--batch-size", "16", "--image-size", "32"]) == 0
+    assert cli.main(["evaluate", "ViT_Ti16", "--vtab", "dtd"]) == 0  # the paper's protocol
+    assert calls == [(["dtd"], dict(data_dir=None, batch_size=16, image_size=32)), (["dtd"], dict(data_dir=None))]

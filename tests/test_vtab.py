@@ -292,6 +292,19 @@ def test_manual_downloads_say_where_the_files_go(name, needs, tmp_path):
     assert str(tmp_path / "downloads" / "manual") in message and needs in message and "--data_dir" in message
 
 
+def test_run_finds_a_missing_manual_download_before_the_first_task_trains(tmp_path, monkeypatch):
+    """dtd came first and trained in full; resisc45's missing files were found only at its turn."""
+
+    def never(*args, **kwargs):
+        pytest.fail("a task was read or built before every task's files were checked")
+
+    monkeypatch.setattr(vtab, "source", never)
+    with pytest.raises(ValueError, match="VTAB task resisc45 needs a manual download") as info:
+        vtab.run(never, "dtd,resisc45", data_dir=str(tmp_path), steps=1, batch_size=8, image_size=32, verbose=0)
+    assert "\n" not in str(info.value) and str(tmp_path / "downloads" / "manual") in str(info.value)
+    vtab.check_manual_downloads("dtd", data_dir=str(tmp_path))  # no task of its own to download by hand
+
+
 # --- the protocol, end to end --------------------------------------------------------------------
 
 

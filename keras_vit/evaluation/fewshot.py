@@ -7,8 +7,8 @@ Each dataset's train and test images are embedded once (`features`); then,
 per seed and number of shots k, a ridge classifier is fitted on k examples
 per class (`linear.sample_shots`: nested across k) and scored on the whole
 test set (`linear.LinearFewShot`). Images are resized to 256/224 of the
-model's input size and centre-cropped, as big_vision's
-`resize(256)|central_crop(224)`.
+model's input size (`image_size` for a model of any size) and
+centre-cropped, as big_vision's `resize(256)|central_crop(224)`.
 """
 
 import weakref
@@ -65,9 +65,9 @@ def features(model, dataset, strategy=None, verbose="auto"):
 
     Args:
         model: a keras_vit model (any constructor, hybrid or `ViT()`).
-        dataset: a `tf.data.Dataset` of (images, labels) batches in the
+        dataset: a batched `tf.data.Dataset` of (images, labels) in the
             model's input range (`keras_vit.data.input_range(model)`);
-            labels as class ids or one-hot.
+            labels as class ids, shape (batch,) or (batch, 1), or one-hot.
         strategy: a `tf.distribute` strategy to run the model under.
         verbose: `model.predict`'s progress bar.
 
@@ -76,13 +76,68 @@ def features(model, dataset, strategy=None, verbose="auto"):
     """
     import tensorflow as tf
 
+    _check_batches(model, dataset)
+
     def pair(images, labels):
-        if labels.shape.rank == 2:  # one-hot
-            labels = tf.argmax(labels, axis=-1)
+        if labels.shape.rank == 2:
+            labels = _class_ids(labels)
         return ((images, tf.cast(labels, tf.int32)),)
 
     outputs, labels = _labelled_model(model, strategy).predict(dataset.map(pair), verbose=verbose)
     return np.asarray(outputs, np.float32), np.asarray(labels)
+
+
+def _class_ids(labels):
+    """(batch,) int32 class ids of (batch, 1) class ids (as keras.datasets gives
+    them: not one-hot, whose argmax would be 0) or (batch, classes) one-hot."""
+    import tensorflow as tf
+
+    def ids():
+        return tf.cast(labels[:, 0], tf.int32)
+
+    def one_hot():
+        return tf.argmax(labels, axis=-1, output_type=tf.int32)
+
+    width = labels.shape[-1]
+    if width is None:  # known only when the data flows
+        return tf.cond(tf.shape(labels)[-1] == 1, ids, one_hot)
+    return ids() if width == 1 else one_hot()
+
+
+def _check_batches(model, dataset):
+    """A one-line ValueError unless `dataset` yields batches of (images, labels) the model takes."""
+    spec = getattr(dataset, "element_spec", None)
+    if not (isinstance(spec, tuple) and len(spec) == 2):
+        raise ValueError(
+            "features needs a dataset of (images, labels) batches, got elements "
+            f"{_spec_text(spec)}: pair each image with its class id (e.g. tf.data.Dataset.zip((images, labels)))."
+        )
+    images, labels = spec
+    rank = len(model.input_shape)
+    if images.shape.rank == rank - 1 and labels.shape.rank in (0, 1):
+        raise ValueError(
+            f"features needs batches, and the dataset yields single images of shape {tuple(images.shape)}: "
+            "batch it first (dataset.batch(64))."
+        )
+    if images.shape.rank != rank:
+        raise ValueError(
+            f"{model.name} takes images of shape {tuple(model.input_shape[1:])}, and the dataset yields "
+            f"{tuple(images.shape)}: give batches of images."
+        )
+    if labels.shape.rank not in (1, 2):
+        raise ValueError(
+            f"features takes labels as class ids of shape (batch,) or (batch, 1) or one-hot (batch, classes), "
+            f"and the dataset yields labels of shape {tuple(labels.shape)}."
+        )
+
+
+def _spec_text(spec):
+    if isinstance(spec, (tuple, list)):
+        return "(" + ", ".join(_spec_text(part) for part in spec) + ")"
+    if isinstance(spec, dict):
+        return "{" + ", ".join(f"{key!r}: {_spec_text(part)}" for key, part in spec.items()) + "}"
+    shape = getattr(spec, "shape", None)
+    return f"of shape {tuple(shape)}" if shape is not None else type(spec).__name__
 
 
 # One labelled model per (model, strategy): its traced predict function is reused by later calls.
@@ -129,17 +184,20 @@ def dataset_sources(name, data_dir=None):
 
 
 def few_shot(model, datasets, shots=SHOTS, seeds=SEEDS, l2_reg=DEFAULT_L2_REG, batch_size=64,
-             crop_fraction=CROP_FRACTION, data_dir=None, strategy=None, verbose="auto"):
+             crop_fraction=CROP_FRACTION, data_dir=None, strategy=None, verbose="auto", image_size=None):
     """The few-shot linear accuracy of `model` on each dataset.
 
     Args:
-        model: a keras_vit model; images are fed at its input size.
+        model: a keras_vit model.
         datasets: names (FEWSHOT_DATASETS, "digits", an image folder path),
             or {name: (train Source, test Source)}.
-        shots: examples per class of each few-shot train set.
-        seeds: one draw of the few-shot sets per seed.
+        shots: examples per class of each few-shot train set (positive ints).
+        seeds: one draw of the few-shot sets per seed (ints from 0).
         l2_reg: the ridge penalty (big_vision's 2**10).
         batch_size, crop_fraction, data_dir, strategy, verbose: the feature pass.
+        image_size: the side of the square images fed to the model; default
+            its input size. Required for a model of any size
+            (`input_shape=(None, None, 3)`).
 
     Returns:
         {dataset: {"per_seed": {seed: {k: accuracy}}, "mean": {k: accuracy},
@@ -147,9 +205,10 @@ def few_shot(model, datasets, shots=SHOTS, seeds=SEEDS, l2_reg=DEFAULT_L2_REG, b
     """
     from keras_vit import data
 
+    shots, seeds = check_protocol(shots, seeds)
+    size = fed_image_size(model, image_size)
     if not isinstance(datasets, dict):
         datasets = {name: dataset_sources(name, data_dir) for name in datasets}
-    size = model.input_shape[1]
     value_range = data.input_range(model)
     results = {}
     def embed(source):
@@ -176,6 +235,48 @@ def few_shot(model, datasets, shots=SHOTS, seeds=SEEDS, l2_reg=DEFAULT_L2_REG, b
             "test_examples": len(test_y),
         }
     return results
+
+
+def check_protocol(shots, seeds):
+    """(shots, seeds) as tuples, or a one-line ValueError: shots a non-empty
+    list of positive ints, seeds a non-empty list of ints from 0 (a k of 0 or
+    less would slice indices[:k] into a set that is not k per class)."""
+
+    def whole_numbers(name, values, lowest):
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise ValueError(f"{name} must be a list of whole numbers, got {values!r}: e.g. {name}=(1, 5).")
+        values = tuple(values)
+        wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lowest]
+        if not values or wrong:
+            raise ValueError(
+                f"{name} must be a non-empty list of whole numbers from {lowest}, got {values!r}"
+                f"{f' ({wrong[0]!r} is not one)' if wrong else ''}."
+            )
+        return tuple(int(v) for v in values)
+
+    return whole_numbers("shots", shots, 1), whole_numbers("seeds", seeds, 0)
+
+
+def fed_image_size(model, image_size=None):
+    """The side of the square images few-shot feeds `model`: `image_size`,
+    which a model of fixed size must take, or the model's own."""
+    height, width = model.input_shape[1:3]
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+            raise ValueError(f"image_size must be a positive whole number of pixels, got {image_size!r}.")
+        if (height, width) not in ((None, None), (image_size, image_size)):
+            raise ValueError(
+                f"{model.name} takes {height}x{width} images, not image_size {image_size}: leave image_size out."
+            )
+        return int(image_size)
+    if height is None or width is None:
+        raise ValueError(
+            f"{model.name} takes images of any size: pass image_size, the side in pixels to feed it (e.g. the "
+            "resolution it was trained at)."
+        )
+    if height != width:
+        raise ValueError(f"{model.name} takes {height}x{width} images; few-shot feeds square ones: build it square.")
+    return height
 
 
 def check_shots(name, labels, shots, num_classes):

@@ -28,11 +28,7 @@ class LinearFewShot:
 
     def __init__(self, train_features, train_labels, num_classes=None):
         x = np.asarray(train_features, np.float64)
-        labels = np.asarray(train_labels).astype(np.int64)
-        if x.ndim != 2 or labels.shape != (len(x),):
-            raise ValueError(
-                f"Expected features (N, D) and labels (N,), got {x.shape} and {labels.shape}."
-            )
+        labels = _class_ids(x, train_labels)
         if len(x) == 0:
             raise ValueError("No training examples: the few-shot train set is empty.")
         self.num_classes = int(num_classes or labels.max() + 1)
@@ -52,7 +48,12 @@ class LinearFewShot:
             self.lhs, self.rhs = x.T @ q, q.T @ y
 
     def _design(self, features):
-        x = (np.asarray(features, np.float64) - self.mean) / self.std
+        x = np.asarray(features, np.float64)
+        if x.ndim != 2 or x.shape[1] != self.mean.shape[1]:
+            raise ValueError(
+                f"Expected features (M, {self.mean.shape[1]}) like the train features, got {x.shape}."
+            )
+        x = (x - self.mean) / self.std
         return np.pad(x, ((0, 0), (0, 1)), constant_values=BIAS_FEATURE)
 
     def weights(self, l2_reg=DEFAULT_L2_REG):
@@ -64,10 +65,25 @@ class LinearFewShot:
 
     def accuracy(self, test_features, test_labels, l2_reg=DEFAULT_L2_REG):
         """Test accuracy for one l2, or {l2: accuracy} for a sequence of them (one decomposition)."""
-        test_labels = np.asarray(test_labels)
+        test_labels = _class_ids(np.asarray(test_features), test_labels, "test ")
         if np.ndim(l2_reg):
             return {float(l2): self.accuracy(test_features, test_labels, l2) for l2 in l2_reg}
         return float(np.mean(self.predict(test_features, l2_reg) == test_labels))
+
+
+def _class_ids(features, labels, which=""):
+    """Labels (N,) or (N, 1) as (N,) int64 class ids, or a one-line ValueError
+    (one-hot labels would compare against predictions element by element)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:  # keras.datasets' class ids
+        labels = labels[:, 0]
+    if features.ndim != 2 or labels.shape != (len(features),):
+        hint = " (one-hot? pass np.argmax(labels, axis=1))" if labels.ndim == 2 else ""
+        raise ValueError(
+            f"Expected {which}features (N, D) and {which}labels (N,) of class ids, got {features.shape} and "
+            f"{labels.shape}{hint}."
+        )
+    return labels.astype(np.int64)
 
 
 def linear_few_shot(train_features, train_labels, test_features, test_labels, num_classes=None,

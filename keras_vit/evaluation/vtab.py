@@ -351,22 +351,43 @@ def resolve_split(template, sizes, task="?"):
 # ---------------------------------------------------------------------------
 
 
-def _builder(task, data_dir, download):
+def _tfds_builder(task, data_dir):
     import tensorflow_datasets as tfds
 
     from keras_vit.errors import first_line
 
     try:
-        builder = tfds.builder(task.tfds_name, data_dir=data_dir)
+        return tfds.builder(task.tfds_name, data_dir=data_dir)
     except Exception as error:  # noqa: BLE001 - an unknown name or version: one line
         raise ValueError(f"VTAB task {task.name}: TFDS cannot build {task.tfds_name} ({first_line(error)})") from None
-    if builder.is_prepared():
-        return builder
-    root = builder.data_dir_root
-    if task.manual_download:
+
+
+def _check_manual_files(task, builder):
+    """The task's one-line manual-download error when TFDS has neither its dataset nor the files to make it."""
+    if task.manual_download and not builder.is_prepared():
+        root = builder.data_dir_root
         manual_dir = root / "downloads" / "manual"
         if not (manual_dir / task.manual_marker).exists():
             raise ValueError(task.manual_download.format(manual_dir=manual_dir, data_dir=root))
+
+
+def check_manual_downloads(tasks, data_dir=None):
+    """Raises the manual-download error of the first of `tasks` whose files are
+    missing (Resisc45, Retinopathy): `run` calls it before the first task
+    trains, so a missing download is not found hours into a run."""
+    for name in parse_tasks(tasks):
+        if TASKS[name].manual_download:
+            _check_manual_files(TASKS[name], _tfds_builder(TASKS[name], data_dir))
+
+
+def _builder(task, data_dir, download):
+    from keras_vit.errors import first_line
+
+    builder = _tfds_builder(task, data_dir)
+    if builder.is_prepared():
+        return builder
+    root = builder.data_dir_root
+    _check_manual_files(task, builder)
     if not download:
         raise ValueError(f"VTAB task {task.name}: {task.tfds_name} is not in {root}; prepare it there or pass its data_dir.")
     try:
@@ -456,7 +477,8 @@ def run(build_model, tasks="all", *, data_dir=None, steps=STEPS, batch_size=BATC
             model, pre-trained, with a new `num_classes` head (softmax or
             logits); called once per task, under the strategy's scope.
         tasks: a `parse_tasks` string ("all", "natural", "dtd,kitti_distance") or names.
-        data_dir: the TFDS data directory.
+        data_dir: the TFDS data directory; the files of every task that
+            needs a manual download are checked for before the first trains.
         steps, batch_size, image_size, learning_rate: the paper's 2,500 x 512
             at 384 px, lr 0.01 (`keras_vit.training.finetune_recipe`: SGD
             momentum 0.9, cosine decay, no weight decay, clipping at 1).
@@ -478,6 +500,7 @@ def run(build_model, tasks="all", *, data_dir=None, steps=STEPS, batch_size=BATC
     from keras_vit import data, training
 
     names = parse_tasks(tasks)
+    check_manual_downloads(names, data_dir)  # before any task trains
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     if batch_size % (replicas * accum_steps):
