@@ -24,11 +24,12 @@ from keras_vit.errors import UsageError, first_line  # noqa: E402
 
 FLAGS = flags.FLAGS
 OUR_FLAGS = []  # the flags these scripts define, for error messages
-# Flags a resumed run may change: where and how it runs and what it evaluates.
-# Every other flag defines the run (its batches, model, schedule), so a
-# resume under another value is refused (keras_vit.training.train's settings).
+# Flags a resumed run may change: where and how it runs (micro-batches make
+# the same updates as whole batches) and what it evaluates. Every other flag
+# defines the run (its batches, model, schedule), so a resume under another
+# value is refused (keras_vit.training.train's settings).
 NOT_THE_RUN = {"eval_dataset", "data_dir", "eval_batch_size", "strategy", "distribution", "tpu", "cpu_replicas",
-               "jit_compile", "model_dir", "save_every"}
+               "accum_steps", "jit_compile", "model_dir", "save_every"}
 
 
 def _define(kind, name, default, help, **kwargs):
@@ -254,7 +255,8 @@ def _train(trainer, train_data, eval_data, eval_source, eval_images, recipe, str
         print(
             f"Trained {results['steps']} steps (from step {results['start_step']}) in {results['train_seconds']} s. "
             f"Held-out masked patch loss {held_out}: {results['eval']['loss']:.4f}. "
-            f"Encoder: {encoder_path} (fine-tune: examples/finetune.py --model {FLAGS.model} --weights {encoder_path})",
+            f"Encoder: {encoder_path} (fine-tune: examples/finetune.py --model {FLAGS.model}{_model_flags()} "
+            f"--weights {encoder_path})",
             flush=True,
         )
         return
@@ -267,6 +269,12 @@ def _train(trainer, train_data, eval_data, eval_source, eval_images, recipe, str
 
 
 ENCODER_WEIGHTS = "encoder.weights.h5"
+
+
+def _model_flags():
+    """The flags beside --model that the encoder's architecture needs, as given."""
+    model_args = f" --model_args {FLAGS.model_args}" if FLAGS.model_args else ""
+    return f"{model_args} --image_size {FLAGS.image_size}"
 
 
 def _run_settings(recipe):

@@ -255,7 +255,7 @@ def _check_reachable(name, builder):
         raise ValueError(
             f"{name} is not prepared in {builder.data_dir} and no host it downloads from answers ({reasons[0]}): "
             f"prepare it where there is network (tfds build {name} --data_dir DIR) and pass that folder "
-            "(--data-dir DIR, data_dir=)."
+            "(keras-vit's --data-dir DIR, the examples' --data_dir DIR, data_dir=)."
         )
 
 
@@ -314,6 +314,11 @@ def _folder_source(root, split, labelled=True):
     train_dir = os.path.join(root, "train")
     eval_dirs = [os.path.join(root, n) for n in EVAL_FOLDER_NAMES if os.path.isdir(os.path.join(root, n))]
     list_images = _list_images if labelled else _list_unlabelled_images
+    if os.path.isdir(train_dir) and not eval_dirs:  # else train/ would be read as a class
+        raise ValueError(
+            f"Image folder {root} has train/ but no {' or '.join(n + '/' for n in EVAL_FOLDER_NAMES)} beside it: "
+            "add the held-out images there, or put the class folders in it directly (a tenth is then held out)."
+        )
     if os.path.isdir(train_dir) and eval_dirs:
         class_names = _class_folders(train_dir) if labelled else [""]
         files, labels = list_images(train_dir if split == "train" else eval_dirs[0], class_names)
@@ -439,9 +444,14 @@ def train_dataset(
         shuffle_buffer: for sources without `examples` (TFDS), the shuffle
             buffer; default min(examples, 50,000).
     """
-    if start_step < 0:
-        raise ValueError(f"start_step must be 0 or more, got {start_step}.")
+    _check_pipeline(image_size, batch_size, value_range)
+    if not _whole(seed):
+        raise ValueError(f"seed must be a whole number, got {seed!r}.")
+    if not _whole(start_step) or start_step < 0:
+        raise ValueError(f"start_step must be a whole number, 0 or more, got {start_step!r}.")
     crop_area = tuple(crop_area or source.crop_area)
+    if len(crop_area) != 2 or not 0 < crop_area[0] <= crop_area[1] <= 1:
+        raise ValueError(f"crop_area must be (low, high) fractions of the image, 0 < low <= high <= 1; got {crop_area}.")
     flip = source.flip if flip is None else flip
     seed = int(seed)
     first = int(start_step) * int(batch_size)  # the position of the first example
@@ -530,6 +540,7 @@ def eval_dataset(source, image_size, batch_size, *, value_range=(0.0, 255.0), cr
     crop_fraction (its shorter side; both sides with `keep_aspect=False`, as
     big_vision's `resize(256)|central_crop(224)`) and the centre cropped.
     TPUs need `drop_remainder=True` (static shapes)."""
+    _check_pipeline(image_size, batch_size, value_range)
 
     def preprocess(image, label):
         image = center_crop(image, image_size, crop_fraction, keep_aspect)
@@ -541,6 +552,18 @@ def eval_dataset(source, image_size, batch_size, *, value_range=(0.0, 255.0), cr
     ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return _with_options(ds).prefetch(AUTOTUNE)
+
+
+def _whole(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_pipeline(image_size, batch_size, value_range):
+    """One-line errors for the arguments both pipelines take, before TensorFlow meets them."""
+    for name, value in (("image_size", image_size), ("batch_size", batch_size)):
+        if not _whole(value) or value < 1:
+            raise ValueError(f"{name} must be a whole number, at least 1; got {value!r}.")
+    scale(tf.zeros([1]), value_range)  # the one check of value_range
 
 
 def inception_crop(image, image_size, area_range=(0.05, 1.0), seed=(0, 0)):

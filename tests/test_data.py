@@ -221,6 +221,35 @@ def test_unknown_or_empty_datasets_get_one_line_errors(tmp_path):
         data.source(str(tmp_path))
     with pytest.raises(ValueError, match="split"):
         data.source("digits", "validation")
+    # train/ without a held-out folder beside it: said so (train/ was read as a class with no images).
+    _write_folder(tmp_path / "no_val" / "train", per_class=2)
+    with pytest.raises(ValueError, match=r"has train/ but no val/ or validation/ or test/ beside it"):
+        data.source(str(tmp_path / "no_val"), "train")
+
+
+@pytest.mark.parametrize("pipeline", ["train", "eval"])
+def test_pipeline_arguments_get_one_line_errors(pipeline):
+    """Wrong sizes, ranges and seeds are named before TensorFlow meets them."""
+    source = data.source("digits", "train")
+    make = data.train_dataset if pipeline == "train" else data.eval_dataset
+    cases = [
+        (dict(batch_size=0), "batch_size must be a whole number, at least 1; got 0"),
+        (dict(batch_size=8.0), "batch_size must be a whole number"),
+        (dict(image_size=0), "image_size must be a whole number, at least 1; got 0"),
+        (dict(value_range=(0, 1)), r"value_range must be \(0, 255\) or \(-1, 1\)"),
+    ]
+    if pipeline == "train":
+        cases += [
+            (dict(crop_area=(0.5, 2)), r"crop_area must be \(low, high\) fractions"),
+            (dict(crop_area=(0, 1)), r"crop_area must be"),
+            (dict(seed=None), "seed must be a whole number, got None"),
+            (dict(start_step=-1), "start_step must be a whole number, 0 or more, got -1"),
+        ]
+    for wrong, message in cases:
+        arguments = {"image_size": SIZE, "batch_size": 8, **wrong}
+        with pytest.raises(ValueError, match=message) as error:
+            make(source, arguments.pop("image_size"), arguments.pop("batch_size"), **arguments)
+        assert "\n" not in str(error.value)
 
 
 def test_train_flip_argument_overrides_the_sources_default_both_ways():

@@ -418,7 +418,7 @@ def test_pretrain_example_on_an_unlabelled_folder_resumes_and_feeds_finetune(tmp
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     first = run_examples(
         whole=[pretrain, *common, "--steps", "4", "--model_dir", whole],
-        # A run stopped after 2 steps (as a kill after its checkpoint), on 2 replicas.
+        # A 2-step run on 2 replicas, started again below.
         part=[pretrain, *common, "--steps", "2", "--model_dir", parts, "--strategy", "mirrored",
               "--cpu_replicas", "2", "--accum_steps", "2"],
     )
@@ -430,13 +430,16 @@ def test_pretrain_example_on_an_unlabelled_folder_resumes_and_feeds_finetune(tmp
     assert all(math.isfinite(v) and v > 1.0 for v in part["history"]["loss"])
     encoder = os.path.join(whole, "encoder.weights.h5")
     second = run_examples(
-        resumed=[pretrain, *common, "--steps", "4", "--model_dir", parts],
+        # The same run on one device without accumulation: how it runs may change.
+        resumed=[pretrain, *common, "--steps", "2", "--model_dir", parts],
         finetune=[os.path.join(ROOT, "examples", "finetune.py"), *common[2:6], "--dataset", "digits",
                   "--image_size", "16", "--batch_size", "16", "--steps", "2", "--weights", encoder,
                   "--model_dir", str(tmp_path / "finetune")],
     )
     assert "Resuming from step 2" in second["resumed"]
     assert "Held-out masked patch loss" in first["whole"] and "Held-out accuracy" in second["finetune"]
+    # The printed fine-tuning hint names the architecture's flags too (the one run above).
+    assert f"finetune.py --model ViT --model_args {common[5]} --image_size 16 --weights {encoder}" in first["whole"]
     # Each run's encoder loads into the constructor; model.keras is the whole wrapper, in safe mode.
     for directory in (whole, parts):
         model = keras_vit.ViT(**{**TINY, "num_heads": 4}, input_shape=(16, 16, 3), classes=3,
