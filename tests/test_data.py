@@ -252,6 +252,43 @@ def test_pipeline_arguments_get_one_line_errors(pipeline):
         assert "\n" not in str(error.value)
 
 
+def _numbered_source(count, examples):
+    """`count` 16x16 images whose pixels all hold their number, read as a
+    stream (like TFDS: no `examples`) or drawn by index."""
+    images = np.broadcast_to(np.arange(count, dtype=np.uint8)[:, None, None, None], (count, 16, 16, 3)).copy()
+    labels = np.zeros(count, np.int32)
+
+    def read(shuffle_files, seed):
+        return tf.data.Dataset.from_tensor_slices((images, labels))
+
+    return data.Source("numbered", "train", 2, count, read, crop_area=(0.5, 1.0), flip=False,
+                       examples=(images, labels) if examples else None)
+
+
+def test_a_subset_of_a_streamed_source_is_the_same_examples_every_epoch():
+    """The data-size study trains on N examples: a TFDS-like source's subset
+    must not draw other examples in each epoch."""
+    subset = data.subset(_numbered_source(40, examples=False), 10)
+    ds = data.train_dataset(subset, 8, 5, seed=0, shuffle_buffer=10)
+    numbers = [sorted(np.round(x[:, 0, 0, 0]).astype(int).tolist()) for x, _ in batches(ds, 6)]
+    epochs = [sorted(numbers[i] + numbers[i + 1]) for i in (0, 2, 4)]  # 2 batches of 5 per epoch
+    assert len(set(epochs[0])) == 10 and epochs[0] == epochs[1] == epochs[2], epochs
+
+
+def test_train_crop_area_argument_overrides_the_sources_default():
+    """crop_area=(1, 1) keeps every image whole, whatever the source's default."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
+    labels = np.arange(4, dtype=np.int32)
+
+    def read(shuffle_files, seed):
+        return tf.data.Dataset.from_tensor_slices((images, labels))
+
+    source = data.Source("random", "train", 4, 4, read, crop_area=(0.05, 0.1), flip=False, examples=(images, labels))
+    for x, y in batches(data.train_dataset(source, 16, 4, seed=0, crop_area=(1.0, 1.0)), 2):
+        np.testing.assert_allclose(x, images[np.argmax(y, axis=1)], atol=1e-3)
+
+
 def test_train_flip_argument_overrides_the_sources_default_both_ways():
     """Images that brighten left to right: any crop and resize keeps that, a
     mirror reverses it. flip=False never mirrors a source that flips by default;

@@ -232,6 +232,44 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     assert all(d["weights"] <= 1e-6 and d["losses"] <= 1e-6 for d in differences.values()), differences
 
 
+# Runs an example script (argv[2:]) with keras_vit.data.train_dataset
+# recording the seed it is given and training.train stopping after it made the
+# stream: writes {"seed": ...} to argv[1].
+SEED_RUN = """
+import json, os, runpy, sys
+from keras_vit import data, training
+
+seen, make = {}, data.train_dataset
+
+def recording(*args, **kwargs):
+    seen["seed"] = kwargs.get("seed")
+    return make(*args, **kwargs)
+
+def first_batches_only(trainer, train_data, total_steps, model_dir, **kwargs):
+    train_data(0)
+    sys.exit(0)
+
+data.train_dataset, training.train = recording, first_batches_only
+out, sys.argv = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python examples/finetune.py` would: `import common`
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open(out, "w") as f:
+        json.dump(seen, f)
+"""
+
+
+def test_seed_flag_reaches_the_training_stream(tmp_path):
+    driver = tmp_path / "seed_run.py"
+    driver.write_text(SEED_RUN)
+    argv = [sys.executable, str(driver), str(tmp_path / "seen.json"),
+            *command(FINETUNE, "--steps", "2", "--seed", "7", "--model_dir", str(tmp_path / "run"))[1:]]
+    done = finish({"run": start(argv)})["run"]
+    assert done[2] == 0, done[1][-3000:]
+    assert json.loads((tmp_path / "seen.json").read_text()) == {"seed": 7}
+
+
 def test_pretrain_and_one_line_errors(tmp_path):
     """Runs concurrently: a tiny pre-training run and the scripts' errors."""
     env = environment()
@@ -239,6 +277,8 @@ def test_pretrain_and_one_line_errors(tmp_path):
         "pretrain": command(
             PRETRAIN, "--preset", "imagenet21k", "--learning_rate", "0.001", "--weight_decay", "0.03",
             "--steps", "6", "--save_every", "3", "--model_dir", str(tmp_path / "pretrain"),
+            # A constructor argument the recipe also sets (its dropout, 0 here): the user's wins.
+            "--model_args", TINY[TINY.index("--model_args") + 1] + ",dropout_rate=0.1",
         ),
         "tpu": command(FINETUNE, "--strategy", "tpu", "--steps", "2", "--model_dir", str(tmp_path / "tpu")),
         "strategy": command(FINETUNE, "--strategy", "horovod", "--model_dir", str(tmp_path / "x")),
@@ -251,6 +291,8 @@ def test_pretrain_and_one_line_errors(tmp_path):
     assert code == 0, stderr[-3000:]
     assert "sigmoid_cross_entropy" in stdout and "Adam lr 0.001, weight decay 0.03" in stdout
     assert results(tmp_path / "pretrain")["steps"] == 6
+    pretrained = keras.saving.load_model(tmp_path / "pretrain" / "model.keras", safe_mode=True)
+    assert pretrained.get_layer("embedding_dropout").rate == 0.1
     # Started again with another --seed (a flag that defines the batches):
     # refused, not resumed; with the same run spelled otherwise: resumed.
     same = [a.replace("patch_size=8,hidden_size=32", "hidden_size=32,patch_size=8") for a in jobs["pretrain"]]

@@ -89,6 +89,22 @@ def test_downsampled_and_pixel_targets_equal_numpy_references():
     np.testing.assert_allclose(pixels, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("target", ["mean_color", "pixels"])
+def test_targets_of_an_encoder_that_takes_scaled_pixels(target):
+    """An encoder built with include_preprocessing=False takes [-1, 1]
+    pixels: the targets are those of the [0, 255] images they came from."""
+    encoder = keras_vit.ViT(**TINY, input_shape=(16, 16, 3), include_top=False, include_preprocessing=False)
+    mpp = MaskedPatchPrediction(encoder, target=target, seed=0)
+    images = np.random.default_rng(2).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    got = numpy(mpp.targets(images / 127.5 - 1))
+    if target == "mean_color":
+        np.testing.assert_array_equal(got, reference_mean_color(images, 4))
+        assert len(np.unique(got)) > 1
+    else:
+        expected = images.reshape(2, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 16, 48) / 127.5 - 1
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def photographs():
     """scikit-image's sample photographs, cropped to whole 16x16 patches."""
     from skimage import data

@@ -145,6 +145,17 @@ def test_pretrain_recipe_follows_table_3():
         training.pretrain_recipe("B/16", "laion")
 
 
+def test_overrides_of_a_presets_weight_decay_and_step_count():
+    """A preset's row (B/16 on ImageNet-21k, cifar10, pets) still yields to
+    what is given: weight decay (0 included), and a run of another length
+    warms up for a tenth of it at most, not the preset's full warm-up."""
+    assert training.pretrain_recipe("B/16", "imagenet21k", weight_decay=0.05).optimizer.weight_decay == 0.05
+    assert training.pretrain_recipe("B/16", "imagenet21k", weight_decay=0.0).optimizer.weight_decay == 0.0
+    assert training.finetune_recipe("cifar10", total_steps=1000).warmup_steps == 100
+    assert training.finetune_recipe("oxford_iiit_pet", total_steps=200).warmup_steps == 20
+    assert training.finetune_recipe("cifar10", total_steps=100).warmup_steps == 10
+
+
 def test_recipes_use_the_warmup_and_learning_rate_given():
     """Defaults fill only what was not given: an explicit warm-up longer than
     a tenth of the run is kept (it was cut to a tenth), and a learning rate of
@@ -205,6 +216,15 @@ def test_accumulated_micro_batches_equal_one_large_batch():
     _, unclipped, _ = _train_tiny(accum_steps=1, clip_norm=None)
     assert not all(np.allclose(a, b) for a, b in zip(big_weights, unclipped))
     assert not all(np.allclose(a, b) for a, b in zip(big_weights, tiny_vit().get_weights()))
+
+
+def test_accumulated_gradients_are_averaged_not_summed():
+    """Without clipping (which would hide a gradient k times too large), k
+    micro-batches make the update of one batch: their mean gradient."""
+    _, one, _ = _train_tiny(accum_steps=1, clip_norm=None)
+    _, four, _ = _train_tiny(accum_steps=4, clip_norm=None)
+    for a, b in zip(four, one):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
 
 
 def test_trainer_rejects_bad_accumulation():

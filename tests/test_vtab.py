@@ -326,6 +326,10 @@ def test_the_loss_follows_the_head():
     assert vtab._loss(logits).get_config()["from_logits"] is True
 
 
+def test_default_warmup_is_the_papers_500_or_a_fifth_of_a_shorter_run():
+    assert [vtab.default_warmup_steps(s) for s in (2500, 5000, 1000, 100, 4)] == [500, 500, 200, 20, 0]
+
+
 def test_run_fine_tunes_each_task_and_scores_its_test_split(metadata_dir, monkeypatch):
     monkeypatch.setattr(vtab, "LOG_EVERY", 2)  # 3 steps: a Keras epoch of 2, then one of 1
     built = []
