@@ -53,12 +53,13 @@ flags.DEFINE_enum("model", "mini", list(SMALL_MODELS), "the ViT size")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds: initialisation, corruption, data order, shot draw")
 flags.DEFINE_enum("target", "mean_color", ["mean_color", "downsampled", "pixels"], "the masked patch target")
 flags.DEFINE_float("corruption_rate", 0.5, "fraction of patches corrupted")
-flags.DEFINE_integer("pretrain_steps", 1200, "pre-training updates (whole epochs: rounded up to a multiple of 11)")
-flags.DEFINE_integer("pretrain_batch_size", 128, "pre-training batch size")
+flags.DEFINE_integer("pretrain_steps", 1200, "pre-training updates, rounded up to whole epochs of the 1,437 images "
+                     "(11 steps each at the default batch of 128)", lower_bound=1)
+flags.DEFINE_integer("pretrain_batch_size", 128, "pre-training batch size", lower_bound=1, upper_bound=1437)
 flags.DEFINE_float("pretrain_learning_rate", 1e-3, "pre-training peak learning rate (Adam)")
-flags.DEFINE_integer("finetune_shots", 10, "labelled images per class for fine-tuning")
-flags.DEFINE_integer("finetune_steps", 500, "fine-tuning updates")
-flags.DEFINE_integer("finetune_batch_size", 50, "fine-tuning batch size")
+flags.DEFINE_integer("finetune_shots", 10, "labelled images per class for fine-tuning", lower_bound=1)
+flags.DEFINE_integer("finetune_steps", 500, "fine-tuning updates", lower_bound=1)
+flags.DEFINE_integer("finetune_batch_size", 50, "fine-tuning batch size (at most --finetune_shots x 10)", lower_bound=1)
 flags.DEFINE_float("finetune_learning_rate", 0.01, "fine-tuning peak learning rate (SGD)")
 FLAGS = flags.FLAGS
 
@@ -246,14 +247,18 @@ def table(results):
 def main(argv):
     del argv
     seeds = [int(s) for s in FLAGS.seeds]
+    # Misuse is refused before anything is trained or written.
+    labelled = FLAGS.finetune_shots * 10  # digits' 10 classes
+    if FLAGS.stage in ("all", "finetune") and FLAGS.finetune_batch_size > labelled:  # else no whole batch to train on
+        fail(f"--finetune_batch_size {FLAGS.finetune_batch_size} is more than the {labelled} labelled images "
+             f"(--finetune_shots {FLAGS.finetune_shots} x 10 classes)")
+    for seed in seeds:
+        if not check_encoder(seed) and FLAGS.stage in ("fewshot", "finetune"):
+            fail(f"no pre-trained encoder at {encoder_path(seed)}: run --stage pretrain (or all) first")
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     results_path = os.path.join(FLAGS.output_dir, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     results.setdefault("seconds", {})
-    if FLAGS.stage in ("fewshot", "finetune"):
-        for seed in seeds:
-            if not check_encoder(seed):
-                fail(f"no pre-trained encoder at {encoder_path(seed)}: run --stage pretrain (or all) first")
     x_train, y_train, x_test, y_test = digits()
 
     def save():

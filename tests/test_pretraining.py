@@ -480,8 +480,11 @@ def test_digits_study_reads_back_only_the_encoders_its_flags_ask_for(tmp_path):
         (["--output_dir", str(tmp_path), "--stage", "pretrain", "--target", "pixels"],
          "was pre-trained with other flags (--target mean_color -> pixels)"),
         (["--output_dir", str(tmp_path / "empty"), "--stage", "fewshot"], "run --stage pretrain (or all) first"),
+        (["--output_dir", str(tmp_path), "--stage", "finetune", "--finetune_batch_size", "200"],
+         "--finetune_batch_size 200 is more than the 100 labelled images"),
     ):
         done = subprocess.run([sys.executable, study, *tiny, *flags], env=env, cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
         errors = [line for line in done.stderr.splitlines() if "error:" in line]
         assert done.returncode == 2 and len(errors) == 1 and expected in errors[0], done.stderr[-2000:]
+    assert not (tmp_path / "empty").exists()  # a refused run writes nothing
