@@ -271,8 +271,21 @@ class MaskedPatchPrediction(keras.Model):
 
     # --- forward and loss --------------------------------------------------
 
+    def _check_size(self, images):
+        """The encoder's layers are called one by one here, past its input
+        check: a fixed-size encoder refuses another size in one line."""
+        expected, got = tuple(self.encoder.input_shape[1:3]), tuple(images.shape[1:3])
+        if None not in expected and None not in got and got != expected:
+            error = ValueError(
+                f"{self.encoder.name} takes {expected[0]}x{expected[1]} images, got {got[0]}x{got[1]}: resize them "
+                "(the keras_vit.data pipelines' image_size), or build the encoder for that size."
+            )
+            error._keras_call_info_injected = True  # one line, not Keras's "Exception encountered when calling"
+            raise error
+
     def call(self, images, training=None):
         encoder = self.encoder
+        self._check_size(images)
         x = images
         if self.scales_pixels:
             x = encoder.get_layer("rescaling")(x)

@@ -397,6 +397,15 @@ def test_non_vit_encoders_and_odd_patches_are_one_line_errors():
     assert "\n" not in str(excinfo.value)
 
 
+@pytest.mark.multibackend
+def test_images_of_another_size_than_the_encoders_are_one_line_errors():
+    mpp = MaskedPatchPrediction(keras_vit.ViT(**TINY, input_shape=(16, 16, 3), include_top=False), seed=0)
+    with pytest.raises(ValueError) as excinfo:
+        mpp(np.zeros((2, 24, 16, 3), "float32"))
+    assert str(excinfo.value).startswith("vit takes 16x16 images, got 24x16: resize them"), str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+
+
 # --- the example scripts --------------------------------------------------------------
 
 
