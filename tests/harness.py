@@ -321,3 +321,17 @@ def stop_and_resume(make_trainer, train_data, folder, steps=7, stop_at=4, save_e
     results = training.train(resumed, train_data, steps, os.path.join(folder, "resumed"), save_every=save_every,
                              verbose=0)
     return uninterrupted, stopped, resumed, results
+
+
+# The end of a driver script that runs an example (`python DRIVER OUT.json
+# SCRIPT FLAGS...`) after the lines before it patched keras_vit and made a
+# dict `seen` of what they recorded: `seen` goes to OUT.json, whatever happens.
+EXAMPLE_DRIVER_END = """
+out, sys.argv = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python examples/X.py` would: `import common`
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open(out, "w") as f:
+        json.dump(seen, f)
+"""

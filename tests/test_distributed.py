@@ -19,6 +19,7 @@ import time
 
 import keras
 import numpy as np
+from harness import EXAMPLE_DRIVER_END
 
 import keras_vit  # noqa: F401 - registers the layers that load_model reads
 
@@ -232,9 +233,8 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     assert all(d["weights"] <= 1e-6 and d["losses"] <= 1e-6 for d in differences.values()), differences
 
 
-# Runs an example script (argv[2:]) with keras_vit.data.train_dataset
-# recording the seed it is given and training.train stopping after it made the
-# stream: writes {"seed": ...} to argv[1].
+# Runs an example script with keras_vit.data.train_dataset recording the seed
+# it is given and training.train stopping after it made the stream: {"seed": ...}.
 SEED_RUN = """
 import json, os, runpy, sys
 from keras_vit import data, training
@@ -250,14 +250,7 @@ def first_batches_only(trainer, train_data, total_steps, model_dir, **kwargs):
     sys.exit(0)
 
 data.train_dataset, training.train = recording, first_batches_only
-out, sys.argv = sys.argv[1], sys.argv[2:]
-sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python examples/finetune.py` would: `import common`
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-finally:
-    with open(out, "w") as f:
-        json.dump(seen, f)
-"""
+""" + EXAMPLE_DRIVER_END
 
 
 def test_seed_flag_reaches_the_training_stream(tmp_path):

@@ -283,7 +283,7 @@ def test_subsets_are_nested_and_independent_of_the_training_seed():
 # have read, decoding them first. Written to argv[1] as {run dir: indices};
 # an image whose code planes are not flat (not a coded digit) counts as -1.
 COUNTING_SCALING_RUN = """
-import dataclasses, json, runpy, sys
+import dataclasses, json, os, runpy, sys
 import numpy as np
 import tensorflow as tf
 from keras_vit import data, training
@@ -313,13 +313,7 @@ def counting_train(trainer, train_data, total_steps, model_dir, **kwargs):
     return train(trainer, fed, total_steps, model_dir, **kwargs)
 
 data.subset, training.train = coded_subset, counting_train
-out, sys.argv = sys.argv[1], sys.argv[2:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-finally:
-    with open(out, "w") as f:
-        json.dump(seen, f)
-"""
+""" + harness.EXAMPLE_DRIVER_END
 
 
 def test_scaling_example_end_to_end_on_a_tiny_budget(tmp_path):
