@@ -95,6 +95,7 @@ class Backup(keras.callbacks.Callback):
         """A resume under other settings would silently train another run."""
         if self.settings is None or saved is None:  # not asked, or saved before settings were recorded
             return
+
         def shown(settings, name):
             return repr(settings[name]) if name in settings else "unset"
 
