@@ -19,6 +19,7 @@ import time
 
 import keras
 import numpy as np
+import pytest
 from harness import EXAMPLE_DRIVER_END
 
 import keras_vit  # noqa: F401 - registers the layers that load_model reads
@@ -309,3 +310,31 @@ def test_pretrain_and_one_line_errors(tmp_path):
         assert code == 2, (name, stderr[-2000:])
         assert len(lines) == 1 and expected[name] in lines[0], (name, stderr[-2000:])
         assert "Traceback" not in stderr, name
+
+
+def test_whole_eval_batches_score_as_many_images_as_the_replicas_allow():
+    """examples/common.py's evaluation batch under keras.distribution or a
+    TPU: a multiple of the replicas, at most the batch asked for, dividing the
+    eval set where one does (else the fewest images left out)."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("examples_common", os.path.join(ROOT, "examples", "common.py"))
+    common = importlib.util.module_from_spec(spec)
+    before = dict(os.environ)
+    try:
+        spec.loader.exec_module(common)
+    finally:  # it sets the scripts' environment defaults
+        os.environ.clear()
+        os.environ.update(before)
+
+    def source(count):
+        return types.SimpleNamespace(num_examples=count, name="digits", split="eval")
+
+    assert common._whole_eval_batches(16, source(32), 2) == (16, 32)
+    assert common._whole_eval_batches(16, source(360), 2) == (12, 360)
+    assert common._whole_eval_batches(512, source(360), 4) == (360, 360)
+    assert common._whole_eval_batches(16, source(33), 2) == (16, 32)  # odd: one image cannot be scored
+    assert common._whole_eval_batches(16, source(None), 4) == (16, None)
+    with pytest.raises(common.UsageError, match="digits's eval split has 3 images, fewer than the 4 replicas"):
+        common._whole_eval_batches(16, source(3), 4)

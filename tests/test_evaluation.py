@@ -356,11 +356,12 @@ def test_scaling_example_end_to_end_on_a_tiny_budget(tmp_path):
     bad = subprocess.run([sys.executable, argv[0], "--models", "huge"], capture_output=True, text=True, timeout=120,
                          env=env, cwd=root)
     assert bad.returncode == 2 and "--models: unknown huge" in bad.stderr.strip().splitlines()[-1]
-    # Run again into the same folder under another learning rate: refused, not read back as if it were that run.
-    other = subprocess.run([sys.executable, *argv, "--learning_rate", "0.5"], capture_output=True, text=True,
-                           timeout=300, env=env, cwd=root)
+    # Run again into the same folder under another schedule: refused, not read back as if it were that run.
+    other = subprocess.run([sys.executable, *argv, "--learning_rate", "0.5", "--weight_decay", "0.3"],
+                           capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert other.returncode == 2, other.stderr[-2000:]
-    assert "holds a run saved with other settings (learning_rate 0.001 -> 0.5)" in other.stderr.strip().splitlines()[-1]
+    assert ("holds a run saved with other settings (learning_rate 0.001 -> 0.5; weight_decay 0.1 -> 0.3)"
+            in other.stderr.strip().splitlines()[-1]), other.stderr[-2000:]
 
 
 def test_few_shot_fits_its_ridge_with_the_l2_reg_it_is_given():
@@ -457,6 +458,11 @@ def test_few_shot_refuses_shots_and_seeds_that_are_not_lists_of_whole_numbers(pr
     with pytest.raises(ValueError) as excinfo:
         evaluation.few_shot(harness.tiny_vit(), ["digits"], **{"seeds": [0], **protocol}, verbose=0)
     assert message in str(excinfo.value) and "\n" not in str(excinfo.value), str(excinfo.value)
+
+
+def test_few_shot_refuses_a_model_of_non_square_images():
+    with pytest.raises(ValueError, match="takes 32x16 images; few-shot feeds square ones"):
+        evaluation.fed_image_size(harness.tiny_vit(input_shape=(32, 16, 3)))
 
 
 def test_few_shot_of_a_model_of_any_size_is_fed_the_image_size_it_is_given(tmp_path):

@@ -424,3 +424,14 @@ def test_position_embedding_rejects_wrong_token_count():
     layer = vit_layers.PositionEmbedding((2, 2))
     with pytest.raises(ValueError, match="expected 5"):
         layer.build((None, 7, 8))
+
+
+def test_image_size_is_checked_against_each_side_of_a_rectangular_token():
+    """Rows against the token's height, columns against its width."""
+    assert vit_layers.check_image_size(32, 24, (16, 8)) == (2, 3)
+    assert vit_layers.check_image_size(24, 32, (8, 16)) == (3, 2)
+    for height, width, token in ((32, 20, (16, 8)), (20, 32, (8, 16)), (8, 24, (16, 8))):
+        with pytest.raises(ValueError, match=f"Input size {height}x{width} does not cut into whole patches"):
+            vit_layers.check_image_size(height, width, token)
+    with pytest.raises(ValueError, match="Input size 32x20"):
+        vit_layers.ImageSizeCheck((16, 8))(np.zeros((1, 32, 20, 3), "float32"))

@@ -489,6 +489,10 @@ def test_digits_study_reads_back_only_the_encoders_its_flags_ask_for(tmp_path):
         (["--output_dir", str(tmp_path), "--stage", "pretrain", "--target", "pixels"],
          "was pre-trained with other flags (--target mean_color -> pixels)"),
         (["--output_dir", str(tmp_path / "empty"), "--stage", "fewshot"], "run --stage pretrain (or all) first"),
+        *[(["--output_dir", str(tmp_path), "--stage", "pretrain", flag, value], f"{flag} {old} -> {value}")
+          for flag, old, value in (("--model", "micro", "mini"), ("--corruption_rate", "0.5", "0.4"),
+                                   ("--pretrain_steps", "2", "3"), ("--pretrain_batch_size", "512", "256"),
+                                   ("--pretrain_learning_rate", "0.001", "0.002"))],
         (["--output_dir", str(tmp_path), "--stage", "finetune", "--finetune_batch_size", "200"],
          "--finetune_batch_size 200 is more than the 100 labelled images"),
     ):

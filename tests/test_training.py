@@ -167,6 +167,7 @@ def test_recipes_use_the_warmup_and_learning_rate_given():
     }
     for name, recipe in recipes.items():
         assert recipe(total_steps=1000, warmup_steps=500).learning_rate.warmup_steps == 500, name
+        assert recipe(total_steps=1000, warmup_steps=0).learning_rate.warmup_steps == 0, name
         assert recipe(total_steps=1000).warmup_steps == 100, name  # the default: a tenth of a short run
         assert recipe(total_steps=1000, learning_rate=0.5).learning_rate.base_learning_rate == 0.5, name
         with pytest.raises(ValueError, match="learning rate must be more than 0, got 0"):
@@ -238,6 +239,8 @@ def test_trainer_rejects_bad_accumulation():
     for count, batch, left in ((69, 32, 5), (64, 31, 31)):
         with pytest.raises(ValueError, match=rf"^A batch of {left} does not split into accum_steps=2 equal micro"):
             trainer.fit(images(count), labels[:count], batch_size=batch, verbose=0)
+    with pytest.raises(ValueError, match="^A batch of 1 does not split"):  # 9 examples left to train on
+        trainer.fit(images(18), labels[:18], batch_size=4, validation_split=0.5, verbose=0)
     assert int(keras.ops.convert_to_numpy(trainer.steps_done)) == 0
     dataset = tf.data.Dataset.from_tensor_slices((images(69), labels)).batch(32)
     with pytest.raises(tf.errors.InvalidArgumentError, match="A batch does not split into accum_steps=2"):
@@ -350,6 +353,11 @@ def test_a_resume_under_other_settings_is_refused(tmp_path):
     with pytest.raises(UsageError, match=r"holds the state of another model \(.*\): resume with the model") as error:
         training.train(other_model, train_data, 4, str(tmp_path), save_every=2, verbose=0, settings=settings)
     assert "\n" not in str(error.value)
+    # As many weights, of other shapes (another head): refused too.
+    other_head = training.Trainer(tiny_vit(input_shape=(16, 16, 3), classes=5))
+    other_head.compile(optimizer="sgd", loss="categorical_crossentropy")
+    with pytest.raises(UsageError, match="holds the state of another model"):
+        training.train(other_head, train_data, 4, str(tmp_path), save_every=2, verbose=0)
     assert state.read_bytes() == saved
     assert json.loads((tmp_path / "checkpoint" / training.Backup.INFO).read_text())["step"] == 2
     resumed = training.train(trainer(), train_data, 4, str(tmp_path), save_every=2, verbose=0, settings=settings)

@@ -303,6 +303,10 @@ def test_run_finds_a_missing_manual_download_before_the_first_task_trains(tmp_pa
         vtab.run(never, "dtd,resisc45", data_dir=str(tmp_path), steps=1, batch_size=8, image_size=32, verbose=0)
     assert "\n" not in str(info.value) and str(tmp_path / "downloads" / "manual") in str(info.value)
     vtab.check_manual_downloads("dtd", data_dir=str(tmp_path))  # no task of its own to download by hand
+    # Every task is checked, not only the first that needs a manual download.
+    (tmp_path / "downloads" / "manual" / vtab.TASKS["resisc45"].manual_marker).mkdir(parents=True)
+    with pytest.raises(ValueError, match="VTAB task diabetic_retinopathy needs a manual download"):
+        vtab.check_manual_downloads("resisc45,diabetic_retinopathy", data_dir=str(tmp_path))
 
 
 # --- the protocol, end to end --------------------------------------------------------------------
