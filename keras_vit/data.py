@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from keras_vit.errors import first_line
+from keras_vit.errors import first_line, is_whole_number
 from keras_vit.layers import scale_pixels
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -445,9 +445,9 @@ def train_dataset(
             buffer; default min(examples, 50,000).
     """
     _check_pipeline(image_size, batch_size, value_range)
-    if not _whole(seed):
+    if not is_whole_number(seed):
         raise ValueError(f"seed must be a whole number, got {seed!r}.")
-    if not _whole(start_step) or start_step < 0:
+    if not is_whole_number(start_step) or start_step < 0:
         raise ValueError(f"start_step must be a whole number, 0 or more, got {start_step!r}.")
     crop_area = tuple(crop_area or source.crop_area)
     if len(crop_area) != 2 or not 0 < crop_area[0] <= crop_area[1] <= 1:
@@ -554,14 +554,10 @@ def eval_dataset(source, image_size, batch_size, *, value_range=(0.0, 255.0), cr
     return _with_options(ds).prefetch(AUTOTUNE)
 
 
-def _whole(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_pipeline(image_size, batch_size, value_range):
     """One-line errors for the arguments both pipelines take, before TensorFlow meets them."""
     for name, value in (("image_size", image_size), ("batch_size", batch_size)):
-        if not _whole(value) or value < 1:
+        if not is_whole_number(value) or value < 1:
             raise ValueError(f"{name} must be a whole number, at least 1; got {value!r}.")
     scale(tf.zeros([1]), value_range)  # the one check of value_range
 

@@ -27,6 +27,7 @@ from keras import layers
 
 from keras_vit import hybrid, pretrained, registry
 from keras_vit import layers as vit_layers
+from keras_vit.errors import is_whole_number
 from keras_vit.variants import (  # noqa: F401 (the tables, also keras_vit.models.*)
     CONSTRUCTOR_VARIANTS, VARIANTS, display_name, variant_config,
 )
@@ -118,7 +119,7 @@ def ViT(
         sizes["classes"] = classes
     for argument, value in sizes.items():
         for number in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < 1:
+            if not is_whole_number(number) or number < 1:
                 raise ValueError(f"{argument} must be a positive whole number, got {value!r}.")
     rates = dict(dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
                  drop_path_rate=drop_path_rate)

@@ -61,7 +61,6 @@ keras_vit` works without it.
 """
 
 import functools
-import numbers
 import os
 import shutil
 import warnings
@@ -72,7 +71,7 @@ from keras import ops
 
 from keras_vit import labels as vit_labels
 from keras_vit import runtimes
-from keras_vit.errors import first_line
+from keras_vit.errors import first_line, is_whole_number
 from keras_vit.layers import TokenPooling, scale_pixels
 
 SIGNATURES = ("serving_default", "serve_pixels", "serve_float")
@@ -377,7 +376,7 @@ def _version_dir(export_dir, version, overwrite):
         version = max(existing, default=0) + 1
     if isinstance(version, str) and version.isdigit():
         version = int(version)
-    if isinstance(version, bool) or not isinstance(version, numbers.Integral) or not 0 <= version <= MAX_VERSION:
+    if not is_whole_number(version) or not 0 <= version <= MAX_VERSION:
         raise ValueError(f"version must be a whole number from 0 to 2**63-1 (the version folder's name), "
                          f"got {version!r}.")
     version = int(version)

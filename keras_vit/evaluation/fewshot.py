@@ -15,6 +15,7 @@ import weakref
 
 import numpy as np
 
+from keras_vit.errors import is_whole_number
 from keras_vit.evaluation.linear import DEFAULT_L2_REG, LinearFewShot, sample_shots
 
 SHOTS = (1, 5, 10, 25)
@@ -246,7 +247,7 @@ def check_protocol(shots, seeds):
         if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
             raise ValueError(f"{name} must be a list of whole numbers, got {values!r}: e.g. {name}=(1, 5).")
         values = tuple(values)
-        wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lowest]
+        wrong = [v for v in values if not is_whole_number(v) or v < lowest]
         if not values or wrong:
             raise ValueError(
                 f"{name} must be a non-empty list of whole numbers from {lowest}, got {values!r}"
@@ -262,7 +263,7 @@ def fed_image_size(model, image_size=None):
     which a model of fixed size must take, or the model's own."""
     height, width = model.input_shape[1:3]
     if image_size is not None:
-        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        if not is_whole_number(image_size) or image_size < 1:
             raise ValueError(f"image_size must be a positive whole number of pixels, got {image_size!r}.")
         if (height, width) not in ((None, None), (image_size, image_size)):
             raise ValueError(

@@ -2,7 +2,6 @@
 
 import contextlib
 import json
-import numbers
 import os
 import time
 
@@ -11,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_vit.errors import UsageError
+from keras_vit.errors import UsageError, is_whole_number
 from keras_vit.training import sharding
 from keras_vit.training.distribute import task_directory
 
@@ -207,7 +206,7 @@ def train(
     (those before a resume come from the checkpoint), the evaluation.
     """
     for name, value in (("total_steps", total_steps), ("save_every", save_every)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        if not is_whole_number(value) or value < 1:
             raise ValueError(f"{name} must be a whole number of steps, at least 1; got {value!r}.")
     if keras.backend.backend() == "tensorflow":
         strategy = trainer.distribute_strategy
