@@ -231,6 +231,82 @@ def test_under_mixed_bfloat16_the_fast_path_is_as_accurate_as_multi_head_attenti
             assert distance(f, w) <= 2 * distance(k, w) + 1e-3, (training, variable.path, distance(f, w), distance(k, w))
 
 
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="oneDNN's fused linear kernel is the PyTorch path's")
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("approximate", [True, False], ids=["tanh_gelu", "exact_gelu"])
+def test_without_gradients_torch_projects_through_onednn_and_computes_the_same(policy, approximate, monkeypatch):
+    """PyTorch without gradients (predict, evaluate, `torch.no_grad()`), on a
+    CPU: each of the block's six projections is one call of oneDNN's fused
+    linear kernel, the MLP's first with the block's own GELU fused in. The
+    output is what the block computes with gradients on (through keras.ops):
+    the same within float32 rounding, and in bf16 no further from the float32
+    block."""
+    import torch
+
+    float_block = _random_block(seed=5, width=32, mlp_dim=48, gelu_approximate=approximate)
+    keras.config.set_dtype_policy(policy)
+    try:
+        block = _random_block(seed=5, width=32, mlp_dim=48, gelu_approximate=approximate)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    gelus = []
+    fused = vit_layers._onednn_linear
+    monkeypatch.setattr(vit_layers, "_onednn_linear",
+                        lambda x, kernel, bias, gelu=None: gelus.append(gelu) or fused(x, kernel, bias, gelu))
+    x = np.random.default_rng(6).normal(size=(3, 13, 32)).astype("float32")
+
+    def as_float(y):
+        return keras.ops.convert_to_numpy(keras.ops.cast(y, "float32"))
+
+    def distance(got, want):
+        return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+    want = as_float(float_block(x))
+    with_gradients = as_float(block(x))
+    assert gelus == []
+    with torch.no_grad():
+        out = block(x)
+    if out.device.type != "cpu":
+        assert gelus == []
+        return
+    # query, key, value, the attention's output, the MLP's first (GELU), its second
+    assert gelus == [None] * 4 + ["tanh" if approximate else "none", None]
+    assert keras.backend.standardize_dtype(out.dtype) == block.compute_dtype
+    if policy == "float32":
+        assert distance(as_float(out), with_gradients) <= 1e-6
+    else:
+        assert 0 < distance(as_float(out), want) <= 2 * distance(with_gradients, want) + 1e-3
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="oneDNN's fused linear kernel is the PyTorch path's")
+def test_torch_predict_goes_through_onednn_and_gives_the_models_own_output(monkeypatch):
+    """Keras's `predict_on_batch` on torch runs without gradients: every block
+    projects through oneDNN, and the probabilities are the model's own (a call
+    with gradients on, through keras.ops). With mkldnn switched off in torch,
+    keras.ops again."""
+    import torch
+
+    import keras_vit
+
+    model = keras_vit.ViT(patch_size=4, hidden_size=32, depth=2, num_heads=2, mlp_dim=64,
+                          input_shape=(16, 16, 3), classes=5)
+    images = np.random.default_rng(8).uniform(0, 255, (4, 16, 16, 3)).astype("float32")
+    calls = []
+    fused = vit_layers._onednn_linear
+    monkeypatch.setattr(vit_layers, "_onednn_linear", lambda *args: calls.append(1) or fused(*args))
+    with torch.enable_grad():
+        want = keras.ops.convert_to_numpy(model(images))
+    assert calls == []
+    got = model.predict_on_batch(images)
+    on_cpu = keras.ops.convert_to_tensor(images).device.type == "cpu"
+    assert len(calls) == (6 * 2 if on_cpu else 0)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    del calls[:]
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    np.testing.assert_allclose(model.predict_on_batch(images), want, atol=1e-6)
+    assert calls == []
+
+
 def test_drop_path_in_the_fast_path_drops_whole_images():
     block = _random_block(drop_path_rate=0.7)
     x = np.random.default_rng(5).normal(size=(32, 5, 8)).astype("float32")
