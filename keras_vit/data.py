@@ -36,6 +36,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vit.errors import first_line, is_whole_number
+from keras_vit.images import FORMAT_NAMES, format_index
+from keras_vit.images import decode as decode_image
 from keras_vit.layers import scale_pixels
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -374,8 +376,18 @@ def _list_unlabelled_images(directory, class_names):
 
 
 def _decode_file(path, label):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    return image, label
+    """A folder's image file, decoded; a file that is not an image (a page
+    saved under an image's name, an empty file) fails naming its path, not
+    in TensorFlow's words alone. (No size limit here, unlike `keras-vit
+    predict`: a large photo is a fine training image.)"""
+    encoded = tf.io.read_file(path)
+    known = tf.debugging.Assert(
+        format_index(encoded) >= 0,
+        [path, f"is not a {FORMAT_NAMES} image: remove it from the folder or convert it; its first bytes:",
+         tf.strings.substr(encoded, 0, 8)],
+    )
+    with tf.control_dependencies([known]):
+        return decode_image(encoded), label
 
 
 # ---------------------------------------------------------------------------

@@ -36,16 +36,24 @@ MAX_PIXELS = 40_000_000
 HEADER_BYTES = 32  # enough for the size fields of PNG, GIF and BMP
 
 
-def inspect(encoded):
-    """(format index into FORMATS or -1, height, width) of one encoded file
-    (a scalar string tensor), from its header alone; 0 x 0 for no format."""
+def format_index(encoded):
+    """The index into FORMATS of one encoded file (a scalar string tensor),
+    from its first bytes, or -1."""
     import tensorflow as tf
 
     matched = tf.stack([
         tf.reduce_any([tf.strings.substr(encoded, 0, len(magic)) == magic for magic in magics])
         for _, magics in FORMATS
     ])
-    index = tf.where(tf.reduce_any(matched), tf.argmax(tf.cast(matched, tf.int32), output_type=tf.int32), -1)
+    return tf.where(tf.reduce_any(matched), tf.argmax(tf.cast(matched, tf.int32), output_type=tf.int32), -1)
+
+
+def inspect(encoded):
+    """(format index into FORMATS or -1, height, width) of one encoded file
+    (a scalar string tensor), from its header alone; 0 x 0 for no format."""
+    import tensorflow as tf
+
+    index = format_index(encoded)
     head = tf.strings.substr(tf.strings.join([tf.strings.substr(encoded, 0, HEADER_BYTES), b"\0" * HEADER_BYTES]),
                              0, HEADER_BYTES)
     head = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)

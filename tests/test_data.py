@@ -213,6 +213,25 @@ def test_image_folder_source(tmp_path):
     assert data.source(str(tmp_path / "split"), "eval").num_examples == 6
 
 
+@pytest.mark.parametrize("contents", [b"<html>404 Not Found</html>", b""], ids=["a_web_page", "an_empty_file"])
+@pytest.mark.parametrize("pipeline", ["train", "eval"])
+def test_a_file_of_a_folder_that_is_not_an_image_is_named_by_its_path(tmp_path, pipeline, contents):
+    _write_folder(tmp_path / "photos" / "train", per_class=2)
+    _write_folder(tmp_path / "photos" / "val", per_class=2)
+    bad = tmp_path / "photos" / ("train" if pipeline == "train" else "val") / "class_1" / "saved_page.jpg"
+    bad.write_bytes(contents)
+    source = data.source(str(tmp_path / "photos"), pipeline if pipeline == "train" else "eval")
+    assert str(bad) in source.examples[0]
+    if pipeline == "train":
+        dataset = data.train_dataset(source, SIZE, 7, seed=0)  # one batch: every file
+    else:
+        dataset = data.eval_dataset(source, SIZE, 7)
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        for _ in dataset.take(1):
+            pass
+    assert f"[{bad}] [is not a JPEG, PNG, GIF or BMP image: remove it from the folder or convert it" in str(error.value)
+
+
 def test_unknown_or_empty_datasets_get_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="cifar10, cifar100, .*digits") as error:
         data.source("mnist")
