@@ -233,6 +233,11 @@ def load_keras_weights(model, path, new_head=False):
     count. That is how a self-supervised encoder (keras_vit.pretraining) or
     a model fine-tuned for other classes starts a new fine-tuning.
     """
+    if _holds_masked_patch_prediction(path):
+        raise ValueError(
+            f"Weights file {path} holds a MaskedPatchPrediction (its encoder, mask token and prediction head), "
+            "not a model: save the encoder alone with mpp.encoder.save_weights(...) and load that file."
+        )
     ours, theirs = keras_weights_architecture(path), npz.model_architecture(model)
     if ours is not None and theirs is not None and ours != theirs:
         raise ValueError(npz.architecture_mismatch(f"Weights file {path}", model, ours, theirs))
@@ -253,6 +258,15 @@ def load_keras_weights(model, path, new_head=False):
             + (" (body)" if new_head else ", include_top and classes")
             + " as the model that saved it."
         ) from error
+
+
+def _holds_masked_patch_prediction(path):
+    """Whether a `.weights.h5` file was saved by `MaskedPatchPrediction.save_weights`:
+    the encoder model nested under "encoder", the prediction head beside it."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return "layers" in f.get("encoder", {}) and "head" in f
 
 
 def _keras_load_reason(error):

@@ -336,6 +336,21 @@ def test_encoder_loads_into_a_constructor_with_a_new_head(tmp_path, include_top)
     assert np.abs(numpy(keras_vit.feature_extractor(fresh, ["encoded"])(images)["encoded"]) - numpy(ours)).max() > 1e-3
 
 
+def test_the_weights_of_a_whole_masked_patch_prediction_get_the_encoder_hint(tmp_path):
+    """mpp.save_weights (not mpp.encoder.save_weights) into ViT(weights=): Keras
+    said only "expected 0 variables, but received 1"."""
+    mpp = MaskedPatchPrediction(tiny_encoder(include_top=False), seed=0)
+    path = str(tmp_path / "mpp.weights.h5")
+    mpp.save_weights(path)
+    with pytest.raises(ValueError) as excinfo:
+        keras_vit.ViT(**TINY, input_shape=(16, 16, 3), weights=path, classes=3)
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert "holds a MaskedPatchPrediction" in message and "mpp.encoder.save_weights(...)" in message
+    mpp.encoder.save_weights(path)  # the hint's way works
+    keras_vit.ViT(**TINY, input_shape=(16, 16, 3), weights=path, classes=3)
+
+
 @pytest.mark.parametrize("representation_size", [None, 16])
 def test_a_weights_file_keeps_its_head_when_the_classes_match(tmp_path, representation_size):
     # With a representation layer the file holds two top-level Dense layers;
