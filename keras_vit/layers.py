@@ -184,8 +184,8 @@ def _checked_in_graph(rows, cols, height, width, multiple):
     keras.ops; `_onednn_linear` is the other): a TensorFlow graph traced for
     unknown image sizes (`model.predict` traces again with open sizes;
     tf.function, SavedModels) has no static size to check in Python, and
-    keras.ops has no assertion. JAX and torch always see
-    the size while tracing, so `input_grid` checks it in Python there.
+    keras.ops has no assertion. JAX and torch always see the size while
+    tracing, so `input_grid` checks it in Python there.
     Returns (rows, cols) that depend on the check, which fails with the
     `image_size_error` line."""
     import tensorflow as tf
@@ -532,13 +532,13 @@ def _onednn_linear(x, kernel, bias, gelu=None):
     """PyTorch on a CPU, in inference: x . kernel + bias, then with `gelu`
     ("tanh": the official approximation, "none": the exact GELU) its GELU,
     in one call of oneDNN's linear kernel with the bias and the GELU fused
-    in (`torch.ops.mkldnn._linear_pointwise`, which torch.compile's
-    Inductor also calls for this fusion on CPUs, with freezing on). keras.ops has neither the fusion
-    nor a fast tanh GELU on torch: torch's CPU kernel for it is 2 to 4 times
-    slower than for the exact GELU timm uses, and its float32 matmuls (MKL)
-    were 5-12% slower than oneDNN's at ViT-B/16's shapes. Together: ViT-B/16
-    predict, batch 8, +9% in float32 and +7% in bf16 on a Zen 4 CPU.
-    `_onednn_linear_usable` says when."""
+    in (`torch.ops.mkldnn._linear_pointwise`, which torch.compile's Inductor
+    also calls for this fusion on CPUs, with freezing on). keras.ops has
+    neither the fusion nor a fast tanh GELU on torch: torch's CPU kernel for
+    it is 2 to 4 times slower than for the exact GELU timm uses, and its
+    float32 matmuls (MKL) were 5-12% slower than oneDNN's at ViT-B/16's
+    shapes. Together: ViT-B/16 predict, batch 8, +9% in float32 and +7% in
+    bf16 on a Zen 4 CPU. `_onednn_linear_usable` says when."""
     import torch
 
     width = x.shape[-1]
