@@ -36,14 +36,13 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vit.errors import first_line, is_whole_number
-from keras_vit.images import FORMAT_NAMES, format_index
+from keras_vit.images import FILE_SUFFIXES, FORMAT_NAMES, format_index
 from keras_vit.images import decode as decode_image
 from keras_vit.layers import scale_pixels
 
 AUTOTUNE = tf.data.AUTOTUNE
 SPLITS = ("train", "eval")
 MAX_SHUFFLE_BUFFER = 50_000  # as the official code; bounds host memory
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 EVAL_FOLDER_NAMES = ("val", "validation", "test")
 
 
@@ -334,7 +333,7 @@ def _folder_source(root, split, labelled=True):
         keep = held_out if split == "eval" else ~held_out
         files, labels = [f for f, k in zip(files, keep) if k], [l for l, k in zip(labels, keep) if k]
     if not files:
-        raise ValueError(f"Image folder {root} has no {split} images ({', '.join(IMAGE_EXTENSIONS)}).")
+        raise ValueError(f"Image folder {root} has no {split} images ({', '.join(FILE_SUFFIXES)}).")
 
     labels = np.asarray(labels, np.int32)
 
@@ -359,7 +358,7 @@ def _list_images(directory, class_names):
         if not os.path.isdir(class_dir):
             continue
         for file in sorted(os.listdir(class_dir)):
-            if file.lower().endswith(IMAGE_EXTENSIONS):
+            if file.lower().endswith(FILE_SUFFIXES):
                 files.append(os.path.join(class_dir, file))
                 labels.append(label)
     return files, labels
@@ -371,7 +370,7 @@ def _list_unlabelled_images(directory, class_names):
     files = []
     for folder, subfolders, names in os.walk(directory):
         subfolders.sort()
-        files += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+        files += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(FILE_SUFFIXES)]
     return files, [0] * len(files)
 
 
