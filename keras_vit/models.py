@@ -19,6 +19,8 @@ contract that `keras_vit.npz` and `keras_vit.views` rely on):
     predictions          Dense head, zero-initialised, float32        "predictions"
 """
 
+import difflib
+import inspect
 import numbers
 import textwrap
 
@@ -108,6 +110,7 @@ def ViT(
         **weights_options: `keep_pre_logits`, `expected_sha256` (see
             `keras_vit.pretrained`).
     """
+    _check_argument_names(weights_options, architecture)
     if pooling == "avg":  # the keras.applications spelling
         pooling = "gap"
     if include_top and pooling is None:
@@ -220,6 +223,47 @@ def ViT(
 
 
 ViT.__doc__ = ViT.__doc__.format(application_args=APPLICATION_ARGS.format(multiple="the patch size"))
+
+
+# timm's and keras_hub's names for ViT()'s arguments: a user coming from
+# them gets ours in the error, not Python's bare "unexpected keyword argument".
+_OTHER_SPELLINGS = {
+    "num_classes": "classes",
+    "img_size": "input_shape",
+    "image_size": "input_shape",
+    "image_shape": "input_shape",
+    "drop_rate": "dropout_rate",
+    "attn_drop_rate": "attention_dropout_rate",
+    "global_pool": "pooling",
+    "pretrained": "weights",
+    "embed_dim": "hidden_size",
+    "num_layers": "depth",
+    "intermediate_dim": "mlp_dim",
+}
+_EXAMPLES = {"input_shape": "input_shape=(size, size, 3)", "weights": 'weights="in21k" (see keras_vit.list_weights())'}
+_WEIGHTS_OPTIONS = ("keep_pre_logits", "expected_sha256")
+
+
+def _check_argument_names(weights_options, architecture):
+    """ViT() and the constructors pass unknown keywords on to
+    `pretrained.plan` as weights options: say which one is unknown and what
+    to write instead, rather than plan()'s TypeError."""
+    caller = architecture or "ViT"
+    # A constructor fixes its variant's sizes: those are not its arguments.
+    fixed = {*CONSTRUCTORS[architecture].config, "stem"} if architecture in CONSTRUCTORS else set()
+    for argument in weights_options:
+        if argument in _WEIGHTS_OPTIONS:
+            continue
+        ours = _OTHER_SPELLINGS.get(argument)
+        if ours in fixed:
+            advice = f"{caller} has a fixed {ours}; build other sizes with keras_vit.ViT({ours}=...)"
+        elif ours:
+            advice = f"use {_EXAMPLES.get(ours, ours + '=')}"
+        else:
+            known = [name for name in inspect.signature(ViT).parameters if name not in fixed and name != "architecture"]
+            close = difflib.get_close_matches(argument, known + list(_WEIGHTS_OPTIONS), n=1)
+            advice = f"did you mean {close[0]}=?" if close else f"see help(keras_vit.{caller}) for the arguments"
+        raise TypeError(f"{caller}() got an unknown argument {argument!r}: {advice}")
 
 
 def _image_shape(input_shape, input_tensor, patch_size, stem, patch_pixels):

@@ -110,6 +110,32 @@ def test_bad_arguments_get_clear_errors(kwargs, message):
         harness.tiny_vit(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "build, kwargs, message",
+    [
+        # timm's and keras_hub's names get ours.
+        (keras_vit.ViT_B16, dict(image_size=384), "ViT_B16() got an unknown argument 'image_size': use input_shape=(size, size, 3)"),
+        (keras_vit.ViT_B16, dict(num_classes=10), "ViT_B16() got an unknown argument 'num_classes': use classes="),
+        (keras_vit.ViT_B16, dict(drop_rate=0.1), "'drop_rate': use dropout_rate="),
+        (keras_vit.ViT_B16, dict(pretrained=True), "'pretrained': use weights=\"in21k\" (see keras_vit.list_weights())"),
+        (keras_vit.ViT, dict(embed_dim=64), "ViT() got an unknown argument 'embed_dim': use hidden_size="),
+        # A constructor's sizes are fixed: it says where other sizes are built.
+        (keras_vit.ViT_S16, dict(embed_dim=64), "ViT_S16 has a fixed hidden_size; build other sizes with keras_vit.ViT(hidden_size=...)"),
+        # A typo gets the nearest argument the caller takes.
+        (keras_vit.ViT_B16, dict(dropout=0.1), "'dropout': did you mean dropout_rate=?"),
+        (keras_vit.ViT_B16, dict(keep_prelogits=True), "did you mean keep_pre_logits=?"),
+        (keras_vit.ViT, dict(hidden_sise=64), "did you mean hidden_size=?"),
+        (keras_vit.ViT_B16, dict(hidden_sise=64), "see help(keras_vit.ViT_B16) for the arguments"),
+        (keras_vit.R50_ViT_B16, dict(colour=1), "R50_ViT_B16() got an unknown argument 'colour': see help"),
+    ],
+)
+def test_unknown_arguments_name_what_to_write_instead(build, kwargs, message):
+    # Checked before anything is built: a ViT-B/16 would take seconds.
+    with pytest.raises(TypeError, match=re.escape(message)) as error:
+        build(**kwargs)
+    assert "\n" not in str(error.value)
+
+
 # --- multiply-accumulates: keras_vit.sizes.multiply_accumulates against the traced forward pass ---
 #
 # The count below is independent of the formula: it traces the model's forward
