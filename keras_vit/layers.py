@@ -492,6 +492,18 @@ class DropPath(layers.Layer):
         return config
 
 
+def _reshape(x, shape):
+    """`ops.reshape` for the blocks' per-call paths. On PyTorch, ops.reshape
+    flattens its shape through torch's pytree to look for symbolic tensors:
+    17 us a call against 4 us for the tensor's own reshape, and a ViT-B/16
+    forward pass has 300 (5 of the 16 ms that Keras's Python takes in one)."""
+    if keras.backend.backend() != "torch" or isinstance(x, keras.KerasTensor):
+        return ops.reshape(x, shape)
+    if isinstance(x, keras.Variable):
+        x = x.value  # cast to the compute dtype inside a layer call, as ops would
+    return x.reshape(tuple(shape))
+
+
 def _matmul_plus_bias(x, kernel, bias):
     """x . kernel + bias in x's dtype. ops.add with a 1-D bias is TensorFlow's
     BiasAdd, which oneDNN fuses into the matmul together with a residual add
@@ -542,8 +554,8 @@ def _onednn_linear(x, kernel, bias, gelu=None):
     import torch
 
     width = x.shape[-1]
-    kernel = ops.reshape(ops.cast(kernel, x.dtype), (width, -1))
-    bias = ops.reshape(ops.cast(bias, x.dtype), (-1,))
+    kernel = _reshape(kernel, (width, -1)).to(x.dtype)
+    bias = _reshape(bias, (-1,)).to(x.dtype)
     # The kernel (out, in) as a transposed view: no copy here.
     return torch.ops.mkldnn._linear_pointwise(x, kernel.t(), bias, "gelu" if gelu else "none", [], gelu or "")
 
@@ -560,12 +572,12 @@ def _torch_projections(x, kernels_and_biases, bias_row):
     dtype = keras.backend.standardize_dtype(x.dtype)
     width = x.shape[-1]
     if not bias_row:
-        return [_matmul_plus_bias(x, ops.reshape(kernel, (width, -1)), ops.reshape(bias, (-1,)))
+        return [_matmul_plus_bias(x, _reshape(kernel, (width, -1)), _reshape(bias, (-1,)))
                 for kernel, bias in kernels_and_biases]  # fmt: skip
     x = ops.concatenate([x, ops.ones((ops.shape(x)[0], 1), dtype=dtype)], axis=1)
     return [
-        ops.matmul(x, ops.concatenate([ops.reshape(ops.cast(kernel, dtype), (width, -1)),
-                                       ops.reshape(ops.cast(bias, dtype), (1, -1))], axis=0))
+        ops.matmul(x, ops.concatenate([_reshape(ops.cast(kernel, dtype), (width, -1)),
+                                       _reshape(ops.cast(bias, dtype), (1, -1))], axis=0))
         for kernel, bias in kernels_and_biases
     ]  # fmt: skip
 
@@ -715,7 +727,7 @@ class TransformerBlock(layers.Layer):
         if return_attention_scores or (training and self.attention_dropout_rate) or self._quantized():
             return self._call_keras_attention(inputs, training, return_attention_scores)
         batch, width = ops.shape(inputs)[0], inputs.shape[-1]
-        x = ops.reshape(inputs, (-1, width))  # (batch * tokens, width)
+        x = _reshape(inputs, (-1, width))  # (batch * tokens, width)
         attended = self._self_attention(self._norm(self.norm1, x), batch, training)
         x = x + self._residual_branch(self._attention_output(attended), batch, training)
 
@@ -723,7 +735,7 @@ class TransformerBlock(layers.Layer):
         y = self._dropout(y, training)
         y = _matmul_plus_bias(y, self.mlp_out.kernel, self.mlp_out.bias)
         x = x + self._residual_branch(y, batch, training)
-        return ops.reshape(x, ops.shape(inputs))
+        return _reshape(x, ops.shape(inputs))
 
     def _mlp_in_and_gelu(self, y, training):
         if _onednn_linear_usable(y):
@@ -773,12 +785,12 @@ class TransformerBlock(layers.Layer):
             if keras.backend.standardize_dtype(x.dtype) == "bfloat16" and x.device.type == "cpu":
                 return self._explicit_attention(x, batch, training)
             projected = _torch_projections(x, [(d.kernel, d.bias) for d in dense], self._bias_as_kernel_row(x, training))
-            query, key, value = (ops.reshape(y, (batch, -1, heads, head)) for y in projected)
-            return ops.reshape(ops.dot_product_attention(query, key, value, scale=scale), (-1, width))
+            query, key, value = (_reshape(y, (batch, -1, heads, head)) for y in projected)
+            return _reshape(ops.dot_product_attention(query, key, value, scale=scale), (-1, width))
         # One matmul for query, key and value (their kernels side by side),
         # with the 1/sqrt(head) logit scale folded into the query's weights.
-        kernels = [ops.reshape(d.kernel, (width, width)) for d in dense]
-        biases = [ops.reshape(d.bias, (width,)) for d in dense]
+        kernels = [_reshape(d.kernel, (width, width)) for d in dense]
+        biases = [_reshape(d.bias, (width,)) for d in dense]
         kernel = ops.stack([kernels[0] * scale, *kernels[1:]], axis=1)  # (width, 3, width)
         bias = ops.stack([biases[0] * scale, *biases[1:]], axis=0)  # (3, width)
         if keras.backend.backend() == "jax":
@@ -787,11 +799,11 @@ class TransformerBlock(layers.Layer):
             # parallelism each device then projects and attends with its own
             # heads only. The fused (flash) kernels take (batch, tokens, heads, head).
             projected = ops.tensordot(x, ops.cast(kernel, x.dtype), axes=1) + ops.cast(bias, x.dtype)
-            query, key, value = ops.unstack(ops.reshape(projected, (batch, -1, 3, heads, head)), 3, axis=2)
+            query, key, value = ops.unstack(_reshape(projected, (batch, -1, 3, heads, head)), 3, axis=2)
             attended = ops.dot_product_attention(query, key, value, scale=1.0)
-            return ops.reshape(attended, (-1, width))
-        projected = _matmul_plus_bias(x, ops.reshape(kernel, (width, 3 * width)), ops.reshape(bias, (3 * width,)))
-        projected = ops.reshape(projected, (batch, -1, 3, heads, head))
+            return _reshape(attended, (-1, width))
+        projected = _matmul_plus_bias(x, _reshape(kernel, (width, 3 * width)), _reshape(bias, (3 * width,)))
+        projected = _reshape(projected, (batch, -1, 3, heads, head))
         # TensorFlow has no fused attention and its einsum would transpose each
         # of query, key, value and the result: move the heads forward once.
         # unstack, not slices: a slice's gradient is a full-size scatter (it
@@ -803,7 +815,7 @@ class TransformerBlock(layers.Layer):
         # (4% of a bf16 forward pass of ViT-B/16 on an AMX CPU).
         weights = ops.softmax(logits, axis=-1)
         attended = ops.einsum("bnts,bnsh->bnth", weights, value)  # (batch, heads, tokens, head)
-        return ops.reshape(ops.transpose(attended, (0, 2, 1, 3)), (-1, width))
+        return _reshape(ops.transpose(attended, (0, 2, 1, 3)), (-1, width))
 
     def _explicit_attention(self, x, batch, training):
         """PyTorch, bfloat16, CPU: softmax(query . key^T) . value as two
@@ -822,16 +834,16 @@ class TransformerBlock(layers.Layer):
             (attention.value_dense.kernel, attention.value_dense.bias),
         ]
         projected = _torch_projections(x, projections, self._bias_as_kernel_row(x, training))
-        query, key, value = (ops.reshape(y, (batch, -1, heads, head)) for y in projected)
+        query, key, value = (_reshape(y, (batch, -1, heads, head)) for y in projected)
         logits = ops.matmul(ops.transpose(query, (0, 2, 1, 3)), ops.transpose(key, (0, 2, 3, 1)))
         attended = ops.matmul(ops.softmax(logits, axis=-1), ops.transpose(value, (0, 2, 1, 3)))
-        return ops.reshape(ops.transpose(attended, (0, 2, 1, 3)), (-1, width))  # (batch * tokens, width)
+        return _reshape(ops.transpose(attended, (0, 2, 1, 3)), (-1, width))  # (batch * tokens, width)
 
     def _attention_output(self, attended):
         """(batch * tokens, width) -> the output projection, same shape."""
         dense = self.attention.output_dense
         width = dense.kernel.shape[-1]
-        return _matmul_plus_bias(attended, ops.reshape(dense.kernel, (width, width)), dense.bias)
+        return _matmul_plus_bias(attended, _reshape(dense.kernel, (width, width)), dense.bias)
 
     def _norm(self, norm, x):
         # What `norm`'s own call computes (in float32, whatever x's dtype),
@@ -860,7 +872,7 @@ class TransformerBlock(layers.Layer):
         """Dropout, then drop-path, which drops whole images: it needs the batch axis back."""
         y = self._dropout(y, training)
         if training and self.drop_path_rate:
-            y = ops.reshape(self.drop_path(ops.reshape(y, (batch, -1, y.shape[-1])), training=training), (-1, y.shape[-1]))
+            y = _reshape(self.drop_path(_reshape(y, (batch, -1, y.shape[-1])), training=training), (-1, y.shape[-1]))
         return y
 
     def _call_keras_attention(self, inputs, training, return_attention_scores):
