@@ -160,6 +160,26 @@ def check_jit_compile(build):
     assert np.isfinite(model.train_on_batch(x, np.arange(4) % 5))
 
 
+def check_stateless_call(build):
+    """`model.stateless_call` with other weights computes what the model
+    computes once they are assigned: JAX training loops and keras.distribution
+    call models this way, so every path of the model must read its weights
+    through Keras (a read that bypasses the scope would use the stored ones)."""
+    model = build()
+    randomize_head(model)
+    x = images(2)
+    rng = np.random.default_rng(11)
+    other = [keras.ops.convert_to_numpy(v) + rng.normal(0, 0.05, v.shape).astype("float32")
+             for v in model.trainable_variables]
+    before = model.predict(x, verbose=0)
+    outputs, _ = model.stateless_call(other, [v.value for v in model.non_trainable_variables], x, training=False)
+    for variable, value in zip(model.trainable_variables, other):
+        variable.assign(value)
+    after = model.predict(x, verbose=0)
+    assert np.abs(after - before).max() > 1e-4, "the other weights must change the output"
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(outputs), after, rtol=1e-4, atol=1e-6)
+
+
 def check_non_square_input(build):
     model = build(input_shape=(32, 48, 3))
     out = model.predict(images(shape=(32, 48, 3)), verbose=0)
@@ -261,6 +281,7 @@ CHECKS = {
     "mixed_bfloat16": lambda build: check_mixed_precision(build, "mixed_bfloat16"),
     "mixed_float16": lambda build: check_mixed_precision(build, "mixed_float16"),
     "jit_compile": check_jit_compile,
+    "stateless_call": check_stateless_call,
     "non_square_input": check_non_square_input,
     "weights_at_another_size": check_weights_at_another_size,
     "gradients_reach_every_weight": check_gradients_reach_every_weight,
