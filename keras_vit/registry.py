@@ -227,15 +227,19 @@ def accuracy_sources():
     return list(dict.fromkeys(e.accuracy_source for e in registry() if e.accuracy_source))
 
 
-def list_weights(print_table=True, architecture=None, markdown=False):
+def list_weights(architecture=None, print_table=True, markdown=False):
     """The registry as a table (tag, architecture, resolution, classes,
     pre_logits, reported ImageNet top-1); printed unless print_table=False.
 
     Args:
+        architecture: only the checkpoints of this constructor
+            (`list_weights("ViT_B16")`, as timm's `list_models` takes its
+            filter first).
         print_table: print the table as well as return it.
-        architecture: only the checkpoints of this constructor ("ViT_B16").
         markdown: a Markdown table (the docs' full registry) instead of plain text.
     """
+    if architecture is not None and not isinstance(architecture, str):
+        raise TypeError(f"architecture must be a constructor name such as 'ViT_B16', got {architecture!r}.")
     entries = [e for e in registry() if architecture in (None, e.architecture)]
     first_row = {}
     for index, e in enumerate(entries):

@@ -149,6 +149,19 @@ def test_list_weights_prints_and_returns_the_table(capsys):
     assert markdown.startswith("| architecture | tag |") and "| `in21k` |" in markdown
 
 
+def test_list_weights_takes_the_architecture_first(capsys):
+    # As timm's list_models takes its filter: list_weights("ViT_B16") once
+    # printed the whole registry (the name was taken for print_table).
+    only_b16 = keras_vit.list_weights("ViT_B16")
+    assert capsys.readouterr().out.strip() == only_b16.strip()
+    assert only_b16 == keras_vit.list_weights(architecture="ViT_B16", print_table=False)
+    assert "ViT_L16" not in only_b16 and "in21k+in1k-224" in only_b16
+    with pytest.raises(ValueError, match=re.escape("No checkpoints for 'ViT_X'; see keras_vit.list_weights().")):
+        keras_vit.list_weights("ViT_X")
+    with pytest.raises(TypeError, match=re.escape("architecture must be a constructor name such as 'ViT_B16', got False.")):
+        keras_vit.list_weights(False)  # the old order's print_table
+
+
 def test_an_accuracy_marker_names_the_same_source_in_every_table():
     """[n] is fixed by the registry, not by the rows a table happens to show
     (one architecture's table once renumbered its sources from [1])."""
