@@ -28,6 +28,7 @@ run sees from step s on (see `train_dataset`).
 """
 
 import dataclasses
+import numbers
 import os
 import zlib
 from typing import Callable, Optional
@@ -143,6 +144,7 @@ def subset(source, num_examples):
     (buffer: the whole source up to 50,000 examples), so an image folder,
     read class by class, gives a mixed subset.
     """
+    _check_source(source)
     total = source.num_examples
     if num_examples < 1 or (total is not None and num_examples > total):
         raise ValueError(f"Cannot take {num_examples} examples of {source.name} ({total or 'unknown'} in its "
@@ -455,7 +457,7 @@ def train_dataset(
         shuffle_buffer: for sources without `examples` (TFDS), the shuffle
             buffer; default min(examples, 50,000).
     """
-    _check_pipeline(image_size, batch_size, value_range)
+    _check_pipeline(source, image_size, batch_size, value_range)
     if not is_whole_number(seed):
         raise ValueError(f"seed must be a whole number, got {seed!r}.")
     if not is_whole_number(start_step) or start_step < 0:
@@ -551,7 +553,10 @@ def eval_dataset(source, image_size, batch_size, *, value_range=(0.0, 255.0), cr
     crop_fraction (its shorter side; both sides with `keep_aspect=False`, as
     big_vision's `resize(256)|central_crop(224)`) and the centre cropped.
     TPUs need `drop_remainder=True` (static shapes)."""
-    _check_pipeline(image_size, batch_size, value_range)
+    _check_pipeline(source, image_size, batch_size, value_range)
+    if not isinstance(crop_fraction, numbers.Real) or not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], the central part kept (0.875: 224 px of 256); "
+                         f"got {crop_fraction!r}.")
 
     def preprocess(image, label):
         image = center_crop(image, image_size, crop_fraction, keep_aspect)
@@ -565,8 +570,18 @@ def eval_dataset(source, image_size, batch_size, *, value_range=(0.0, 255.0), cr
     return _with_options(ds).prefetch(AUTOTUNE)
 
 
-def _check_pipeline(image_size, batch_size, value_range):
+def _check_source(source):
+    # digits() returns arrays, source("digits") a Source: an easy mix-up.
+    if not isinstance(source, Source):
+        raise TypeError(
+            f"source must be a keras_vit.data.Source, from data.source(...) (a dataset name such as \"digits\", or "
+            f"an image folder), got {type(source).__name__}; numpy arrays go to model.fit(x, y) directly."
+        )
+
+
+def _check_pipeline(source, image_size, batch_size, value_range):
     """One-line errors for the arguments both pipelines take, before TensorFlow meets them."""
+    _check_source(source)
     for name, value in (("image_size", image_size), ("batch_size", batch_size)):
         if not is_whole_number(value) or value < 1:
             raise ValueError(f"{name} must be a whole number, at least 1; got {value!r}.")

@@ -1,6 +1,8 @@
 """keras_vit.data: every TFDS pipeline on mock data, the digits and image-folder
 sources, the model's input range, determinism."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -264,11 +266,31 @@ def test_pipeline_arguments_get_one_line_errors(pipeline):
             (dict(seed=None), "seed must be a whole number, got None"),
             (dict(start_step=-1), "start_step must be a whole number, 0 or more, got -1"),
         ]
+    else:
+        cases += [
+            (dict(crop_fraction=fraction), r"crop_fraction must be in \(0, 1\], the central part kept \(0.875: "
+                                           rf"224 px of 256\); got {fraction}")
+            for fraction in (0, 1.5, -0.5)
+        ]
     for wrong, message in cases:
         arguments = {"image_size": SIZE, "batch_size": 8, **wrong}
         with pytest.raises(ValueError, match=message) as error:
             make(source, arguments.pop("image_size"), arguments.pop("batch_size"), **arguments)
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("make", [
+    lambda wrong: data.train_dataset(wrong, SIZE, 8),
+    lambda wrong: data.eval_dataset(wrong, SIZE, 8),
+    lambda wrong: data.subset(wrong, 10),
+])
+def test_arrays_given_for_a_source_get_a_one_line_error(make):
+    # digits() returns ((x, y), (x, y)) arrays, source("digits") a Source.
+    with pytest.raises(TypeError, match=re.escape(
+        'source must be a keras_vit.data.Source, from data.source(...) (a dataset name such as "digits", or an '
+        "image folder), got tuple; numpy arrays go to model.fit(x, y) directly."
+    )):
+        make(data.digits())
 
 
 def _numbered_source(count, examples):
