@@ -126,6 +126,9 @@ def test_bad_arguments_get_clear_errors(kwargs, message):
         (keras_vit.ViT_B16, dict(keep_prelogits=True), "did you mean keep_pre_logits=?"),
         (keras_vit.ViT, dict(hidden_sise=64), "did you mean hidden_size=?"),
         (keras_vit.ViT_B16, dict(hidden_sise=64), "see help(keras_vit.ViT_B16) for the arguments"),
+        # `architecture` is set by the constructors, not offered.
+        (keras_vit.ViT_B16, dict(architectur="ViT_B16"), "see help(keras_vit.ViT_B16) for the arguments"),
+        (keras_vit.ViT, dict(architectur="ViT_B16"), "see help(keras_vit.ViT) for the arguments"),
         (keras_vit.R50_ViT_B16, dict(colour=1), "R50_ViT_B16() got an unknown argument 'colour': see help"),
     ],
 )
