@@ -241,7 +241,7 @@ _OTHER_SPELLINGS = {
     "intermediate_dim": "mlp_dim",
 }
 _EXAMPLES = {"input_shape": "input_shape=(size, size, 3)", "weights": 'weights="in21k" (see keras_vit.list_weights())'}
-_WEIGHTS_OPTIONS = ("keep_pre_logits", "expected_sha256")
+_WEIGHTS_OPTIONS = ("keep_pre_logits", "expected_sha256")  # pretrained.plan's own: passed through
 
 
 def _check_argument_names(weights_options, architecture):
