@@ -241,7 +241,6 @@ _OTHER_SPELLINGS = {
     "intermediate_dim": "mlp_dim",
 }
 _EXAMPLES = {"input_shape": "input_shape=(size, size, 3)", "weights": 'weights="in21k" (see keras_vit.list_weights())'}
-_WEIGHTS_OPTIONS = ("keep_pre_logits", "expected_sha256")  # pretrained.plan's own: passed through
 
 
 def _check_argument_names(weights_options, architecture):
@@ -249,10 +248,14 @@ def _check_argument_names(weights_options, architecture):
     `pretrained.plan` as weights options: say which one is unknown and what
     to write instead, rather than plan()'s TypeError."""
     caller = architecture or "ViT"
+    arguments = [name for name, parameter in inspect.signature(ViT).parameters.items()
+                 if parameter.kind != parameter.VAR_KEYWORD]  # fmt: skip
+    # plan()'s own options, those ViT() does not take itself (keep_pre_logits, expected_sha256).
+    own_options = [name for name in inspect.signature(pretrained.plan).parameters if name not in arguments]
     # A constructor fixes its variant's sizes: those are not its arguments.
     fixed = {*CONSTRUCTORS[architecture].config, "stem"} if architecture in CONSTRUCTORS else set()
     for argument in weights_options:
-        if argument in _WEIGHTS_OPTIONS:
+        if argument in own_options:
             continue
         ours = _OTHER_SPELLINGS.get(argument)
         if ours in fixed:
@@ -260,8 +263,8 @@ def _check_argument_names(weights_options, architecture):
         elif ours:
             advice = f"use {_EXAMPLES.get(ours, ours + '=')}"
         else:
-            known = [name for name in inspect.signature(ViT).parameters if name not in fixed and name != "architecture"]
-            close = difflib.get_close_matches(argument, known + list(_WEIGHTS_OPTIONS), n=1)
+            known = [name for name in arguments if name not in fixed and name != "architecture"]
+            close = difflib.get_close_matches(argument, known + own_options, n=1)
             advice = f"did you mean {close[0]}=?" if close else f"see help(keras_vit.{caller}) for the arguments"
         raise TypeError(f"{caller}() got an unknown argument {argument!r}: {advice}")
 
