@@ -11,6 +11,10 @@ weights, in float32 and in bf16, as a user runs them:
                  backward, `SGD.step()`, eager
     bf16         Keras: the `mixed_bfloat16` dtype policy (each model's
                  compute dtype is asserted); timm: `torch.autocast(bfloat16)`
+    bf16 weights predict only: Keras: the `bfloat16` policy (bf16 variables,
+                 keras_vit's head float32: `keras_vit.ViT(dtype="bfloat16")`);
+                 timm: a copy of the model in bf16 (`.to(torch.bfloat16)`), no
+                 autocast. Nothing is cast to bf16 at each call.
 
 Engines, each a worker process (benchmarks/workers.py): keras_vit on
 KERAS_BACKEND=tensorflow, jax (XLA, Keras's default `jit_compile` there) and
@@ -67,8 +71,10 @@ ENGINES = {  # engine: (label, KERAS_BACKEND of its process)
 }
 TIMM_ACT_LAYERS = {"timm": None, "timm_tanh": "gelu_tanh"}  # timm's engines: act_layer (None: timm's default)
 ROOFLINES = {"tensorflow": "TensorFlow", "timm": "torch"}  # the engines that also time the roofline matmul
-PRECISIONS = ("float32", "bf16")
+PRECISIONS = ("float32", "bf16")  # trained in, and the rooflines'
 PHASES = ("predict", "train")
+COLUMNS = [("predict", "float32"), ("predict", "bf16"), ("predict", "bf16w"), ("train", "float32"), ("train", "bf16")]
+POLICIES = {"float32": "float32", "bf16": "mixed_bfloat16", "bf16w": "bfloat16"}  # Keras's, per precision
 # Issue 19's goals: (engine, phase, precision) -> the least ratio to timm.
 GOALS = {
     ("torch", "predict", "bf16"): 1.0, ("torch", "train", "bf16"): 1.0, ("torch", "predict", "float32"): 0.95,
@@ -108,25 +114,30 @@ def keras_contenders(engine, config, size, images, labels):
         return keras_vit.ViT(**config, classes=CLASSES, include_preprocessing=False, input_shape=(size, size, 3))
 
     calls = {}
-    for precision in PRECISIONS:
-        keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bf16" else "float32")
+    for precision, policy in POLICIES.items():
+        keras.config.set_dtype_policy(policy)
         try:
             model = build()
         finally:
             keras.config.set_dtype_policy("float32")
         compute = {layer.compute_dtype for layer in model.layers if layer.weights}
-        expected = "bfloat16" if precision == "bf16" else "float32"
-        assert expected in compute and (precision == "bf16" or compute == {"float32"}), (engine, precision, compute)
+        stored = {weight.dtype for weight in model.weights}
+        expected = "float32" if precision == "float32" else "bfloat16"
+        assert expected in compute and (precision != "float32" or compute == {"float32"}), (engine, precision, compute)
+        assert (precision == "bf16w") == ("bfloat16" in stored), (engine, precision, stored)
         model.compile(optimizer=keras.optimizers.SGD(), loss="sparse_categorical_crossentropy",
                       jit_compile=True if engine == "torch_compiled" else "auto")
         calls["predict", precision] = (lambda m: lambda: np.asarray(m.predict_on_batch(images)))(model)
-        calls["train", precision] = (lambda m: lambda: float(m.train_on_batch(images, labels)))(model)
+        if precision in PRECISIONS:
+            calls["train", precision] = (lambda m: lambda: float(m.train_on_batch(images, labels)))(model)
     return calls
 
 
 def timm_contenders(config, size, images, labels, act_layer=None):
     """{(phase, precision): call} of timm's ViT of the same shape, eager: its own
     default GELU (exact, erf), or `act_layer="gelu_tanh"`, keras_vit's."""
+    import copy
+
     import torch
 
     sys.modules.setdefault("triton", None)  # not needed on a CPU
@@ -139,6 +150,7 @@ def timm_contenders(config, size, images, labels, act_layer=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     y = torch.from_numpy(labels)
+    bf16_copy = copy.deepcopy(model).to(torch.bfloat16).eval()
 
     def predict(bf16):
         def run():
@@ -146,6 +158,10 @@ def timm_contenders(config, size, images, labels, act_layer=None):
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 return model(x).float().numpy()
         return run
+
+    def predict_bf16_weights():
+        with torch.inference_mode():
+            return bf16_copy(x.to(torch.bfloat16)).float().numpy()
 
     def train(bf16):
         def run():
@@ -158,8 +174,10 @@ def timm_contenders(config, size, images, labels, act_layer=None):
             return float(loss.detach())
         return run
 
-    return {(phase, precision): (predict if phase == "predict" else train)(precision == "bf16")
-            for phase in PHASES for precision in PRECISIONS}
+    calls = {(phase, precision): (predict if phase == "predict" else train)(precision == "bf16")
+             for phase in PHASES for precision in PRECISIONS}
+    calls["predict", "bf16w"] = predict_bf16_weights
+    return calls
 
 
 def roofline_contenders(engine, shape):
@@ -250,8 +268,9 @@ def print_report(rounds, errors, header, flops, engines, args):
     print(f"img/s at batch {args.batch}: median over {args.rounds} rounds [min-max], "
           f"{args.repeats} call(s) a round; (x timm): the ratio of the medians")
     timm = {key: statistics.median(values) for key, values in rounds.get("timm", {}).items()}
-    columns = [f"{phase}/{precision}" for phase in PHASES for precision in PRECISIONS]
-    print(f"{'':22s}" + "".join(f" {column.replace('/', ' '):>31s}" for column in columns))
+    columns = [f"{phase}/{precision}" for phase, precision in COLUMNS]
+    print(f"{'':22s}" + "".join(f" {column.replace('/', ' ').replace('bf16w', 'bf16 weights'):>31s}"
+                                for column in columns))
     for engine in engines:
         label = ENGINES[engine][0]
         if engine in errors:

@@ -19,6 +19,7 @@ contract that `keras_vit.npz` and `keras_vit.views` rely on):
     predictions          Dense head, zero-initialised, float32        "predictions"
 """
 
+import contextlib
 import difflib
 import inspect
 import numbers
@@ -83,6 +84,7 @@ def ViT(
     stem=None,
     architecture=None,
     name="vit",
+    dtype=None,
     **weights_options,
 ):
     """Builds a Vision Transformer of any size as a functional Keras model.
@@ -107,10 +109,16 @@ def ViT(
             map that the patches are taken from (the hybrid models' ResNet).
         architecture: the constructor name ("ViT_B16"), which checkpoint tags
             are looked up for; set by the constructors.
+        dtype: the dtype policy of every layer but the float32 head (a
+            `stem`'s too); None: Keras's global policy. "mixed_bfloat16":
+            float32 weights, bf16 arithmetic, for training; "bfloat16": bf16
+            weights, for inference (the same predictions as mixed_bfloat16,
+            without casting every weight at every call, and half the memory).
         **weights_options: `keep_pre_logits`, `expected_sha256` (see
             `keras_vit.pretrained`).
     """
     _check_argument_names(weights_options, architecture)
+    policy = _dtype_policy(dtype)
     if pooling == "avg":  # the keras.applications spelling
         pooling = "gap"
     if include_top and pooling is None:
@@ -149,76 +157,77 @@ def ViT(
     input_shape = _image_shape(plan.input_shape, input_tensor, patch_size, stem, patch_pixels)
     any_size = input_shape[0] is None or input_shape[1] is None
 
-    if input_tensor is None:
-        inputs = layers.Input(shape=input_shape, name="images")
-    elif not keras.utils.is_keras_tensor(input_tensor):
-        inputs = layers.Input(tensor=input_tensor, shape=input_shape, name="images")
-    else:
-        inputs = input_tensor
+    with _global_dtype_policy(policy):
+        if input_tensor is None:
+            inputs = layers.Input(shape=input_shape, name="images")
+        elif not keras.utils.is_keras_tensor(input_tensor):
+            inputs = layers.Input(tensor=input_tensor, shape=input_shape, name="images")
+        else:
+            inputs = input_tensor
 
-    x = inputs
-    if any_size:
-        x = vit_layers.ImageSizeCheck(patch_pixels, name="image_size_check")(x)
-    if include_preprocessing:
-        x = vit_layers.pixel_rescaling()(x)
-    images = x
-    if stem is not None:
-        x = stem(x)
-        if not any_size:
-            _check_feature_map(x.shape[1:3], patch_size, input_shape)
+        x = inputs
+        if any_size:
+            x = vit_layers.ImageSizeCheck(patch_pixels, name="image_size_check")(x)
+        if include_preprocessing:
+            x = vit_layers.pixel_rescaling()(x)
+        images = x
+        if stem is not None:
+            x = stem(x)
+            if not any_size:
+                _check_feature_map(x.shape[1:3], patch_size, input_shape)
 
-    patch_encoder = vit_layers.PatchEncoder(patch_size, hidden_size, name="patch_embed")
-    feature_size = x.shape[1:3]  # a stem's SAME padding rounds up: not always input // stride
-    x = patch_encoder(x)
-    if class_token:
-        x = vit_layers.ClassToken(name="class_token")(x)
-    num_prefix_tokens = 1 if class_token else 0
-    if any_size:
-        # The stored embedding keeps one grid (the checkpoint's, else 224 px);
-        # each call resamples it to the images' grid.
-        side = plan.resolution or DEFAULT_IMAGE_SIZE
-        grid_size = (side // patch_pixels[0], side // patch_pixels[1])
-        x = vit_layers.PositionEmbedding(
-            grid_size, num_prefix_tokens, posemb_interpolation, patch_pixels=patch_pixels,
-            name="position_embedding",
-        )(x, images)
-    else:
-        grid_size = patch_encoder.grid_size(feature_size)
-        x = vit_layers.PositionEmbedding(
-            grid_size, num_prefix_tokens, posemb_interpolation, name="position_embedding"
-        )(x)
-    x = layers.Dropout(dropout_rate, name="embedding_dropout")(x)
-    for index in range(depth):
-        x = vit_layers.TransformerBlock(
-            num_heads=num_heads,
-            mlp_dim=mlp_dim,
-            dropout_rate=dropout_rate,
-            attention_dropout_rate=attention_dropout_rate,
-            drop_path_rate=drop_path_rate * index / max(depth - 1, 1),
-            gelu_approximate=gelu_approximate,
-            name=f"block_{index:02d}",
-        )(x)
-    x = layers.LayerNormalization(epsilon=vit_layers.LAYER_NORM_EPSILON, name="encoder_norm")(x)
+        patch_encoder = vit_layers.PatchEncoder(patch_size, hidden_size, name="patch_embed")
+        feature_size = x.shape[1:3]  # a stem's SAME padding rounds up: not always input // stride
+        x = patch_encoder(x)
+        if class_token:
+            x = vit_layers.ClassToken(name="class_token")(x)
+        num_prefix_tokens = 1 if class_token else 0
+        if any_size:
+            # The stored embedding keeps one grid (the checkpoint's, else 224 px);
+            # each call resamples it to the images' grid.
+            side = plan.resolution or DEFAULT_IMAGE_SIZE
+            grid_size = (side // patch_pixels[0], side // patch_pixels[1])
+            x = vit_layers.PositionEmbedding(
+                grid_size, num_prefix_tokens, posemb_interpolation, patch_pixels=patch_pixels,
+                name="position_embedding",
+            )(x, images)
+        else:
+            grid_size = patch_encoder.grid_size(feature_size)
+            x = vit_layers.PositionEmbedding(
+                grid_size, num_prefix_tokens, posemb_interpolation, name="position_embedding"
+            )(x)
+        x = layers.Dropout(dropout_rate, name="embedding_dropout")(x)
+        for index in range(depth):
+            x = vit_layers.TransformerBlock(
+                num_heads=num_heads,
+                mlp_dim=mlp_dim,
+                dropout_rate=dropout_rate,
+                attention_dropout_rate=attention_dropout_rate,
+                drop_path_rate=drop_path_rate * index / max(depth - 1, 1),
+                gelu_approximate=gelu_approximate,
+                name=f"block_{index:02d}",
+            )(x)
+        x = layers.LayerNormalization(epsilon=vit_layers.LAYER_NORM_EPSILON, name="encoder_norm")(x)
 
-    if pooling is not None:
-        x = vit_layers.TokenPooling(pooling, num_prefix_tokens, name="pool")(x)
-    if include_top:
-        if representation_size:
-            x = layers.Dense(representation_size, activation="tanh", name="pre_logits")(x)
-        # float32 head: stable softmax under mixed precision. Zero-initialised
-        # as the official model (and its fine-tuning recipe).
-        x = layers.Dense(
-            classes,
-            activation=classifier_activation,
-            kernel_initializer="zeros",
-            dtype="float32",
-            name="predictions",
-        )(x)
+        if pooling is not None:
+            x = vit_layers.TokenPooling(pooling, num_prefix_tokens, name="pool")(x)
+        if include_top:
+            if representation_size:
+                x = layers.Dense(representation_size, activation="tanh", name="pre_logits")(x)
+            # float32 head: stable softmax under mixed precision. Zero-initialised
+            # as the official model (and its fine-tuning recipe).
+            x = layers.Dense(
+                classes,
+                activation=classifier_activation,
+                kernel_initializer="zeros",
+                dtype="float32",
+                name="predictions",
+            )(x)
 
-    if input_tensor is not None:
-        inputs = keras.utils.get_source_inputs(input_tensor)
-    model = keras.Model(inputs, x, name=name)
-    plan.load(model)
+        if input_tensor is not None:
+            inputs = keras.utils.get_source_inputs(input_tensor)
+        model = keras.Model(inputs, x, name=name)
+        plan.load(model)
     return model
 
 
@@ -241,6 +250,40 @@ _OTHER_SPELLINGS = {
     "intermediate_dim": "mlp_dim",
 }
 _EXAMPLES = {"input_shape": "input_shape=(size, size, 3)", "weights": 'weights="in21k" (see keras_vit.list_weights())'}
+
+
+def _dtype_policy(dtype):
+    """`dtype` as a Keras policy (None stays None), or a one-line error."""
+    if dtype is None:
+        return None
+    try:
+        policy = keras.dtype_policies.get(dtype)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f'dtype={dtype!r} is not a Keras dtype policy; use "float32", "mixed_bfloat16" (training in bf16), '
+            '"bfloat16" (bf16 inference) or "mixed_float16".'
+        ) from None
+    if getattr(policy, "quantization_mode", None):
+        raise ValueError(
+            f"dtype={dtype!r} is a quantized policy: build the model in float32 or mixed precision, load its "
+            'weights, then call model.quantize("int8").'
+        )
+    return policy
+
+
+@contextlib.contextmanager
+def _global_dtype_policy(policy):
+    """Builds layers under `policy` (a user's stem's too, which takes no dtype
+    argument), then gives back the caller's global policy; None: unchanged."""
+    if policy is None:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def _check_argument_names(weights_options, architecture):
@@ -323,7 +366,7 @@ _CONSTRUCTOR_DOC = """Builds {title}.
 
     Args:
 {application_args}
-        **kwargs: other arguments of `keras_vit.ViT` (dropout_rate,
+        **kwargs: other arguments of `keras_vit.ViT` (dtype, dropout_rate,
             drop_path_rate, representation_size, keep_pre_logits, ...).
 
     Returns:

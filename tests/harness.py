@@ -150,6 +150,37 @@ def check_mixed_precision(build, policy):
         keras.config.set_dtype_policy("float32")
 
 
+def check_bfloat16_weights(build, tmp_path):
+    """`dtype="bfloat16"` (inference): every layer computes in bf16 on bf16
+    variables, but the float32 head; the caller's global policy is kept; the
+    outputs are no further from float32's than mixed_bfloat16's (which rounds
+    the same weights at each call); a `.keras` file keeps the bf16 weights."""
+    reference = build()
+    randomize_head(reference)
+    weights = reference.get_weights()
+    x = images(3)
+    expected = reference.predict(x, verbose=0)
+    model = build(dtype="bfloat16")
+    assert keras.config.dtype_policy().name == "float32", "the global policy must stay the caller's"
+    head = model.get_layer("predictions")
+    assert {w.dtype for w in head.weights} == {"float32"}
+    assert {w.dtype for w in model.weights if w.path not in {h.path for h in head.weights}} == {"bfloat16"}
+    model.set_weights(weights)
+    mixed = build(dtype="mixed_bfloat16")
+    assert {w.dtype for w in mixed.weights} == {"float32"}
+    mixed.set_weights(weights)
+    out = model.predict(x, verbose=0)
+    assert out.dtype == np.float32
+    mixed_error = np.abs(mixed.predict(x, verbose=0) - expected).max()
+    error = np.abs(out - expected).max()
+    assert 0 < mixed_error and error <= 3 * mixed_error, (error, mixed_error)
+    path = os.path.join(tmp_path, "bf16.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path, safe_mode=True)
+    assert sorted(w.dtype for w in restored.weights) == sorted(w.dtype for w in model.weights)
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), out)
+
+
 def check_jit_compile(build):
     model = build()
     randomize_head(model)
@@ -280,6 +311,7 @@ CHECKS = {
     "weights_file_round_trip": check_weights_file_round_trip,
     "mixed_bfloat16": lambda build: check_mixed_precision(build, "mixed_bfloat16"),
     "mixed_float16": lambda build: check_mixed_precision(build, "mixed_float16"),
+    "bfloat16_weights": check_bfloat16_weights,
     "jit_compile": check_jit_compile,
     "stateless_call": check_stateless_call,
     "non_square_input": check_non_square_input,

@@ -236,6 +236,21 @@ def test_loaded_model_matches_a_numpy_forward_pass(tiny_ckpt):
     np.testing.assert_allclose(model(x), expected, atol=1e-4)
 
 
+@pytest.mark.multibackend
+@pytest.mark.parametrize("size", [32, 48])
+def test_official_weights_load_into_a_bfloat16_model_rounded_once(tiny_ckpt, size):
+    """dtype="bfloat16" (inference): the same strict load, each array (the
+    resized position embedding too) rounded to bf16 once; the head float32."""
+    path, _ = tiny_ckpt
+    full = tiny_model(path, input_shape=(size, size, 3))
+    half = tiny_model(path, input_shape=(size, size, 3), dtype="bfloat16")
+    assert [w.path for w in half.weights] == [w.path for w in full.weights]
+    for w32, w16 in zip(full.weights, half.weights):
+        assert w16.dtype == ("float32" if w16.path.startswith("predictions/") else "bfloat16"), w16.path
+        stored = keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.cast(w32, w16.dtype), "float32"))
+        np.testing.assert_array_equal(value(w16).astype("float32"), stored, err_msg=w16.path)
+
+
 def test_unused_checkpoint_array_is_an_error(tmp_path):
     arrays = dict(tiny_arrays(), **{"Transformer/extra/kernel": np.zeros((3, 7), "float32")})
     with pytest.raises(ValueError) as excinfo:

@@ -103,11 +103,26 @@ def test_input_tensor():
         (dict(weights="nowhere.weights.h5"), "not found"),
         (dict(weights="bogus-tag"), "Unknown weights"),
         (dict(num_heads=5), "divisible"),
+        (dict(dtype="bf16"), "dtype='bf16' is not a Keras dtype policy; use \"float32\""),
+        (dict(dtype="int8_from_float32"), 'a quantized policy: build the model in float32 or mixed precision'),
     ],
 )
 def test_bad_arguments_get_clear_errors(kwargs, message):
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         harness.tiny_vit(**kwargs)
+
+
+def test_a_build_that_fails_under_dtype_gives_back_the_callers_policy():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        with pytest.raises(ValueError, match="divisible"):
+            harness.tiny_vit(num_heads=5, dtype="bfloat16")
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+        model = harness.tiny_vit(dtype="float32")
+        assert {w.dtype for w in model.weights} == {"float32"} and model.layers[-2].compute_dtype == "float32"
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+    finally:
+        keras.config.set_dtype_policy("float32")
 
 
 @pytest.mark.parametrize(
