@@ -267,14 +267,14 @@ def test_cli_format_choices_match_the_library():
     assert cli.FORMAT_CHOICES == serving.FORMATS
 
 
-def test_a_mixed_precision_model_is_exported_in_float32(tmp_path):
+@pytest.mark.parametrize("dtype", ["mixed_bfloat16", "bfloat16"])
+def test_a_mixed_precision_model_is_exported_in_float32(tmp_path, dtype):
     """The file is float32 whatever the policy (precision is the runtime's
-    choice): it gives what the same weights give in float32."""
+    choice): it gives what the same weights give in float32 (bf16 weights:
+    their bf16 values, in float32)."""
     import onnx
 
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    mixed = tiny_vit(input_shape=SHAPE)
-    keras.config.set_dtype_policy("float32")
+    mixed = tiny_vit(input_shape=SHAPE, dtype=dtype)
     randomize_head(mixed)
     folder = serving.export_for_serving(mixed, str(tmp_path), format="onnx")
     graph = onnx.load(os.path.join(folder, "model.onnx")).graph
