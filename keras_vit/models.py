@@ -112,8 +112,8 @@ def ViT(
         dtype: the dtype policy of every layer but the float32 head (a
             `stem`'s too); None: Keras's global policy. "mixed_bfloat16":
             float32 weights, bf16 arithmetic, for training; "bfloat16": bf16
-            weights, for inference (the same predictions as mixed_bfloat16,
-            without casting every weight at every call, and half the memory).
+            weights, for inference (as close to float32 as mixed_bfloat16,
+            without casting every weight at every call, in half the memory).
         **weights_options: `keep_pre_logits`, `expected_sha256` (see
             `keras_vit.pretrained`).
     """
