@@ -268,6 +268,11 @@ def _dtype_policy(dtype):
             f"dtype={dtype!r} is a quantized policy: build the model in float32 or mixed precision, load its "
             'weights, then call model.quantize("int8").'
         )
+    if not keras.backend.is_float_dtype(policy.compute_dtype):
+        raise ValueError(
+            f'dtype={dtype!r} does not compute in floats; use "float32", "mixed_bfloat16" (training in bf16), '
+            '"bfloat16" (bf16 inference) or "mixed_float16".'
+        )
     return policy
 
 

@@ -105,11 +105,24 @@ def test_input_tensor():
         (dict(num_heads=5), "divisible"),
         (dict(dtype="bf16"), "dtype='bf16' is not a Keras dtype policy; use \"float32\""),
         (dict(dtype="int8_from_float32"), 'a quantized policy: build the model in float32 or mixed precision'),
+        (dict(dtype="int4_from_mixed_bfloat16"), "is a quantized policy"),
+        (dict(dtype="float8_from_float32"), "is a quantized policy"),
+        (dict(dtype="int32"), "dtype='int32' does not compute in floats; use \"float32\""),
     ],
 )
 def test_bad_arguments_get_clear_errors(kwargs, message):
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         harness.tiny_vit(**kwargs)
+
+
+def test_dtype_is_the_models_own_policy_too():
+    """Keras reads the model's own policy as well as its layers': compile()
+    adds float16 loss scaling only to a mixed_float16 model."""
+    model = harness.tiny_vit(dtype="mixed_float16")
+    assert model.dtype_policy.name == "mixed_float16"
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert keras.config.dtype_policy().name == "float32"
 
 
 def test_a_build_that_fails_under_dtype_gives_back_the_callers_policy():
