@@ -252,6 +252,9 @@ _OTHER_SPELLINGS = {
 _EXAMPLES = {"input_shape": "input_shape=(size, size, 3)", "weights": 'weights="in21k" (see keras_vit.list_weights())'}
 
 
+_POLICY_CHOICES = '"float32", "mixed_bfloat16" (training in bf16), "bfloat16" (bf16 inference) or "mixed_float16"'
+
+
 def _dtype_policy(dtype):
     """`dtype` as a Keras policy (None stays None), or a one-line error."""
     if dtype is None:
@@ -259,20 +262,14 @@ def _dtype_policy(dtype):
     try:
         policy = keras.dtype_policies.get(dtype)
     except (TypeError, ValueError):
-        raise ValueError(
-            f'dtype={dtype!r} is not a Keras dtype policy; use "float32", "mixed_bfloat16" (training in bf16), '
-            '"bfloat16" (bf16 inference) or "mixed_float16".'
-        ) from None
+        raise ValueError(f"dtype={dtype!r} is not a Keras dtype policy; use {_POLICY_CHOICES}.") from None
     if getattr(policy, "quantization_mode", None):
         raise ValueError(
             f"dtype={dtype!r} is a quantized policy: build the model in float32 or mixed precision, load its "
             'weights, then call model.quantize("int8").'
         )
     if not keras.backend.is_float_dtype(policy.compute_dtype):
-        raise ValueError(
-            f'dtype={dtype!r} does not compute in floats; use "float32", "mixed_bfloat16" (training in bf16), '
-            '"bfloat16" (bf16 inference) or "mixed_float16".'
-        )
+        raise ValueError(f"dtype={dtype!r} does not compute in floats; use {_POLICY_CHOICES}.")
     return policy
 
 

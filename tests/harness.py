@@ -163,9 +163,9 @@ def check_bfloat16_weights(build, tmp_path):
     model = build(dtype="bfloat16")
     assert keras.config.dtype_policy().name == "float32", "the global policy must stay the caller's"
     for built in (model, build(dtype="bfloat16", representation_size=8)):  # a pre_logits layer too
-        head = built.get_layer("predictions")
-        assert {w.dtype for w in head.weights} == {"float32"}
-        assert {w.dtype for w in built.weights if w.path not in {h.path for h in head.weights}} == {"bfloat16"}
+        head = {w.path for w in built.get_layer("predictions").weights}
+        assert {w.dtype for w in built.weights if w.path in head} == {"float32"}
+        assert {w.dtype for w in built.weights if w.path not in head} == {"bfloat16"}
     model.set_weights(weights)
     mixed = build(dtype="mixed_bfloat16")
     assert {w.dtype for w in mixed.weights} == {"float32"}
