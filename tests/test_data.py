@@ -1,6 +1,7 @@
 """keras_vit.data: every TFDS pipeline on mock data, the digits and image-folder
 sources, the model's input range, determinism."""
 
+import io
 import re
 
 import keras
@@ -232,6 +233,32 @@ def test_a_file_of_a_folder_that_is_not_an_image_is_named_by_its_path(tmp_path, 
         for _ in dataset.take(1):
             pass
     assert f"[{bad}] [is not a JPEG, PNG, GIF or BMP image: remove it from the folder or convert it" in str(error.value)
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG"])
+@pytest.mark.parametrize("pipeline", ["train", "eval"])
+def test_a_truncated_image_of_a_folder_is_named_by_its_path(tmp_path, pipeline, image_format):
+    """A download cut short: the header is right, TensorFlow's decoder fails, and its error names no file."""
+    _write_folder(tmp_path / "photos" / "train", per_class=2)
+    _write_folder(tmp_path / "photos" / "val", per_class=2)
+    split_folder = "train" if pipeline == "train" else "val"
+    bad = tmp_path / "photos" / split_folder / "class_2" / f"cut_short.{image_format.lower()}"
+    encoded = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(encoded, image_format)
+    bad.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    source = data.source(str(tmp_path / "photos"), pipeline if pipeline == "train" else "eval")
+    if pipeline == "train":
+        dataset = data.train_dataset(source, SIZE, 7, seed=0)  # one batch: every file
+    else:
+        dataset = data.eval_dataset(source, SIZE, 7)
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        for _ in dataset.take(1):
+            pass
+    assert f"[{bad}] [is truncated or corrupt (TensorFlow cannot decode it): remove it from the folder or re-save it]" in str(error.value)
+
+    bad.write_bytes(encoded.getvalue())  # the whole file reads
+    for images, _ in dataset.take(1):
+        assert images.shape[0] == 7
 
 
 def test_unknown_or_empty_datasets_get_one_line_errors(tmp_path):
