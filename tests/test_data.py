@@ -216,47 +216,49 @@ def test_image_folder_source(tmp_path):
     assert data.source(str(tmp_path / "split"), "eval").num_examples == 6
 
 
-@pytest.mark.parametrize("contents", [b"<html>404 Not Found</html>", b""], ids=["a_web_page", "an_empty_file"])
-@pytest.mark.parametrize("pipeline", ["train", "eval"])
-def test_a_file_of_a_folder_that_is_not_an_image_is_named_by_its_path(tmp_path, pipeline, contents):
+def _folder_with_one_bad_file(tmp_path, pipeline, name, contents):
+    """An image folder with train/ and val/, `contents` written as `name` into
+    the split that `pipeline` ("train" or "eval") reads; the file's path and
+    that pipeline's dataset, whose one batch holds every file."""
     _write_folder(tmp_path / "photos" / "train", per_class=2)
     _write_folder(tmp_path / "photos" / "val", per_class=2)
-    bad = tmp_path / "photos" / ("train" if pipeline == "train" else "val") / "class_1" / "saved_page.jpg"
+    bad = tmp_path / "photos" / ("train" if pipeline == "train" else "val") / "class_1" / name
     bad.write_bytes(contents)
-    source = data.source(str(tmp_path / "photos"), pipeline if pipeline == "train" else "eval")
+    source = data.source(str(tmp_path / "photos"), pipeline)
     assert str(bad) in source.examples[0]
     if pipeline == "train":
-        dataset = data.train_dataset(source, SIZE, 7, seed=0)  # one batch: every file
-    else:
-        dataset = data.eval_dataset(source, SIZE, 7)
+        return bad, data.train_dataset(source, SIZE, 7, seed=0)
+    return bad, data.eval_dataset(source, SIZE, 7)
+
+
+def _first_batch_error(dataset):
     with pytest.raises(tf.errors.InvalidArgumentError) as error:
         for _ in dataset.take(1):
             pass
-    assert f"[{bad}] [is not a JPEG, PNG, GIF or BMP image: remove it from the folder or convert it" in str(error.value)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("contents", [b"<html>404 Not Found</html>", b""], ids=["a_web_page", "an_empty_file"])
+@pytest.mark.parametrize("pipeline", ["train", "eval"])
+def test_a_file_of_a_folder_that_is_not_an_image_is_named_by_its_path(tmp_path, pipeline, contents):
+    bad, dataset = _folder_with_one_bad_file(tmp_path, pipeline, "saved_page.jpg", contents)
+    message = _first_batch_error(dataset)
+    assert f"[{bad}] [is not a JPEG, PNG, GIF or BMP image: remove it from the folder or convert it" in message
 
 
 @pytest.mark.parametrize("image_format", ["JPEG", "PNG"])
 @pytest.mark.parametrize("pipeline", ["train", "eval"])
 def test_a_truncated_image_of_a_folder_is_named_by_its_path(tmp_path, pipeline, image_format):
     """A download cut short: the header is right, TensorFlow's decoder fails, and its error names no file."""
-    _write_folder(tmp_path / "photos" / "train", per_class=2)
-    _write_folder(tmp_path / "photos" / "val", per_class=2)
-    split_folder = "train" if pipeline == "train" else "val"
-    bad = tmp_path / "photos" / split_folder / "class_2" / f"cut_short.{image_format.lower()}"
     encoded = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(encoded, image_format)
-    bad.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
-    source = data.source(str(tmp_path / "photos"), pipeline if pipeline == "train" else "eval")
-    if pipeline == "train":
-        dataset = data.train_dataset(source, SIZE, 7, seed=0)  # one batch: every file
-    else:
-        dataset = data.eval_dataset(source, SIZE, 7)
-    with pytest.raises(tf.errors.InvalidArgumentError) as error:
-        for _ in dataset.take(1):
-            pass
-    assert f"[{bad}] [is truncated or corrupt (TensorFlow cannot decode it): remove it from the folder or re-save it]" in str(error.value)
+    whole = encoded.getvalue()
+    bad, dataset = _folder_with_one_bad_file(tmp_path, pipeline, f"cut_short.{image_format.lower()}",
+                                             whole[: len(whole) // 2])
+    message = _first_batch_error(dataset)
+    assert f"[{bad}] [is truncated or corrupt (TensorFlow cannot decode it): remove it from the folder or re-save it]" in message
 
-    bad.write_bytes(encoded.getvalue())  # the whole file reads
+    bad.write_bytes(whole)  # the whole file reads
     for images, _ in dataset.take(1):
         assert images.shape[0] == 7
 
