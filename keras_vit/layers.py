@@ -509,7 +509,7 @@ def _matmul_plus_bias(x, kernel, bias):
     """x . kernel + bias in x's dtype. ops.add with a 1-D bias is TensorFlow's
     BiasAdd, which oneDNN fuses into the matmul together with a residual add
     that follows; a `+` (AddV2) is not fused there. (On PyTorch's CPU in
-    inference, `_onednn_linear`.)"""
+    inference, `_onednn_linear`; on JAX's CPU in bf16, `_xla_cpu_projection`.)"""
     if _onednn_linear_usable(x):
         return _onednn_linear(x, kernel, bias)
     if _xla_cpu_bfloat16(x):
@@ -843,12 +843,13 @@ class TransformerBlock(layers.Layer):
             # width) kernel would mix them): under keras.distribution's model
             # parallelism each device then projects and attends with its own
             # heads only. The fused (flash) kernels take (batch, tokens, heads, head).
-            if _xla_cpu_bfloat16(x):
+            xla_cpu_bfloat16 = _xla_cpu_bfloat16(x)
+            if xla_cpu_bfloat16:
                 projected = _xla_cpu_projection(x, kernel, bias)
             else:
                 projected = ops.tensordot(x, ops.cast(kernel, x.dtype), axes=1) + ops.cast(bias, x.dtype)
             query, key, value = ops.unstack(_reshape(projected, (batch, -1, 3, heads, head)), 3, axis=2)
-            if _xla_cpu_bfloat16(x):
+            if xla_cpu_bfloat16:
                 attended = _xla_cpu_attention(query, key, value)
             else:
                 attended = ops.dot_product_attention(query, key, value, scale=1.0)
